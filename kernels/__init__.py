@@ -1,0 +1,1 @@
+"""Triton kernels of unidd_fast, installed as ``unidd_fast.kernels``."""

@@ -1,0 +1,140 @@
+"""Spectral filters f(λ) of UniDD (paper Table 1).
+
+Each filter is a callable on eigenvalue tensors, ``f(lam)``, and applies to a symmetric
+matrix A = U diag(λ) Uᵀ as ``f.matrix(A) = U diag(f(λ)) Uᵀ``. Filters with a closed form
+(KRR: a Cholesky inverse; low-pass: A itself; all-pass: I; MTT: matrix powers) skip the
+eigendecomposition, so their gradients stay exact when eigenvalues repeat.
+"""
+from __future__ import annotations
+
+import torch
+
+from . import ops
+from .errors import ConfigError
+
+
+def _eye_like(A: torch.Tensor) -> torch.Tensor:
+    return torch.eye(A.shape[-1], dtype=A.dtype, device=A.device).expand_as(A)
+
+
+class SpectralFilter:
+    """Base class: a function of the eigenvalues, applied through the eigendecomposition."""
+
+    name = "filter"
+
+    def __call__(self, lam: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def matrix(self, A: torch.Tensor, names=None, backend: str | None = "auto") -> torch.Tensor:
+        """f(A) for symmetric A of shape (..., d, d); ``names`` label batch entries in errors."""
+        lam, U = torch.linalg.eigh(A)
+        return self.from_eigh(U, lam)
+
+    def from_eigh(self, U: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
+        """U diag(f(λ)) Uᵀ from a precomputed eigendecomposition (the cached real side)."""
+        return (U * self(lam).unsqueeze(-2)) @ U.transpose(-1, -2)
+
+    def __repr__(self) -> str:
+        params = ", ".join(f"{k}={v!r}" for k, v in vars(self).items())
+        return f"{type(self).__name__}({params})"
+
+
+class KRR(SpectralFilter):
+    """Kernel ridge regression / FRePo: f(λ) = (λ + β)^-1 (the CFM filter, a high-pass)."""
+
+    name = "krr"
+
+    def __init__(self, beta):
+        if not float(beta) > 0:
+            raise ConfigError(f"the KRR filter needs beta > 0, got {float(beta)}")
+        self.beta = beta
+
+    def __call__(self, lam):
+        return 1.0 / (lam + self.beta)
+
+    def matrix(self, A, names=None, backend="auto"):
+        return ops.regularized_inverse(A, self.beta, backend, names=names)
+
+
+class LowPass(SpectralFilter):
+    """Gradient matching (DC): f(λ) = λ, i.e. match Ψ itself."""
+
+    name = "lowpass"
+
+    def __call__(self, lam):
+        return lam
+
+    def matrix(self, A, names=None, backend="auto"):
+        return A
+
+
+class AllPass(SpectralFilter):
+    """Distribution matching (DM): f(λ) = 1, so f(A) = I and only the signal is matched."""
+
+    name = "allpass"
+
+    def __call__(self, lam):
+        return torch.ones_like(lam)
+
+    def matrix(self, A, names=None, backend="auto"):
+        return _eye_like(A)
+
+
+class MTT(SpectralFilter):
+    """Trajectory matching, parameter term: f(λ) = (1 − αλ)^steps."""
+
+    name = "mtt"
+
+    def __init__(self, alpha: float, steps: int):
+        if steps < 0:
+            raise ConfigError(f"MTT needs steps >= 0, got {steps}")
+        self.alpha, self.steps = float(alpha), int(steps)
+
+    def __call__(self, lam):
+        return (1.0 - self.alpha * lam) ** self.steps
+
+    def matrix(self, A, names=None, backend="auto"):
+        return torch.linalg.matrix_power(_eye_like(A) - self.alpha * A, self.steps)
+
+
+class MTTSum(SpectralFilter):
+    """Trajectory matching, signal term: f(λ) = Σ_{p<steps} (1 − αλ)^p."""
+
+    name = "mtt_sum"
+
+    def __init__(self, alpha: float, steps: int):
+        if steps < 1:
+            raise ConfigError(f"MTT-sum needs steps >= 1, got {steps}")
+        self.alpha, self.steps = float(alpha), int(steps)
+
+    def __call__(self, lam):
+        step = 1.0 - self.alpha * lam
+        return sum(step**p for p in range(self.steps))
+
+    def matrix(self, A, names=None, backend="auto"):
+        eye = _eye_like(A)
+        step = eye - self.alpha * A
+        total = eye
+        for _ in range(self.steps - 1):  # Horner: I + M (I + M (...))
+            total = eye + step @ total
+        return total
+
+
+def krr(beta) -> KRR:
+    return KRR(beta)
+
+
+def all_pass() -> AllPass:
+    return AllPass()
+
+
+def low_pass() -> LowPass:
+    return LowPass()
+
+
+def mtt(alpha: float, steps: int) -> MTT:
+    return MTT(alpha, steps)
+
+
+def mtt_sum(alpha: float, steps: int) -> MTTSum:
+    return MTTSum(alpha, steps)

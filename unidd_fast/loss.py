@@ -1,0 +1,204 @@
+"""CFMLoss: the curriculum frequency matching regulariser over every hook site of a teacher.
+
+Data flow per step: teacher forward -> pre-hooks compute (Ψ_b, μ_b, pooled) per site ->
+``cfm(targets)`` stacks sites of equal width, folds EMU, filters and returns
+η (L_filter + L_signal). The real side f(Ψ), f(Ψ)Φ is formed from a cached float64
+eigendecomposition and cached per β, so it costs nothing while β is constant.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from . import filters as filt
+from .errors import ConfigError, NonFiniteError, StatsMismatchError
+from .ops import flc, site_stats
+from .real_stats import RealStats
+from .schedule import beta_schedule
+from .sites import SiteHooks
+
+SIGNALS = ("class", "mean", "soft")
+FILTERS = ("cfm", "krr", "lowpass", "allpass", "mtt")
+
+
+def site_width(module: nn.Module) -> int | None:
+    """Channel count of a site's input, when the module says it."""
+    for attr in ("num_features", "in_channels"):
+        if hasattr(module, attr):
+            return int(getattr(module, attr))
+    return None
+
+
+class CFMLoss:
+    """η (L_filter + L_signal) of DESIGN.md §1 between a synthetic batch and real statistics.
+
+    Call ``model(x)`` first (the hooks capture every site's input), then ``cfm(targets)``:
+    targets are class ids (n,) for signal "class"/"mean", probabilities (n, c) for "soft".
+    ``next_batch()`` after each class-batch folds its detached statistics into the EMU mean.
+    """
+
+    def __init__(self, model: nn.Module, stats: RealStats, beta: float = 0.1, eta: float = 0.1,
+                 signal: str = "class", emu: bool = True, sites="bn", filter: str = "cfm",
+                 beta_min: float = 1e-6, schedule: str = "cosine", mtt_alpha: float = 0.01,
+                 mtt_steps: int = 10, backend: str | None = "auto", check_finite: bool = True):
+        if signal not in SIGNALS:
+            raise ConfigError(f"signal must be one of {SIGNALS}, got {signal!r}")
+        if filter not in FILTERS:
+            raise ConfigError(f"filter must be one of {FILTERS}, got {filter!r}")
+        if filter in ("cfm", "krr") and not beta > 0:
+            raise ConfigError(f"beta must be > 0 for the {filter} filter, got {beta}")
+        if eta < 0:
+            raise ConfigError(f"eta must be >= 0, got {eta}")
+        self.beta, self.eta, self.signal, self.emu = beta, eta, signal, emu
+        self.filter, self.beta_min, self.backend, self.check_finite = filter, beta_min, backend, check_finite
+        self.schedule = schedule if filter == "cfm" else "constant"
+        self.mtt = (mtt_alpha, mtt_steps)
+        self.beta_t = beta
+        self.hooks = SiteHooks(model, sites, self._capture)
+        self.names = self.hooks.names
+        stats.validate(model=model, sites=self.names)
+        for name, module in self.hooks.sites:
+            width = site_width(module)
+            if width is not None and width != stats[name].dim:
+                raise StatsMismatchError(f"site {name!r} has {width} channels but its statistics have "
+                                         f"{stats[name].dim}: the statistics belong to another model")
+        self.num_classes = stats.num_classes
+        self.enabled = True
+        self.step = 0
+        self.b = 1  # index of the current class-batch, counted over the whole run
+        self._current: dict[str, tuple] = {}
+        self._last: dict[int, tuple] = {}
+        self._bar: dict[int, tuple] = {}
+        self._real_cache: dict = {}
+        self.groups: dict[int, list[str]] = {}
+        for name in self.names:
+            self.groups.setdefault(stats[name].dim, []).append(name)
+        device = next(model.parameters()).device
+        self._real = {}
+        for d, group in self.groups.items():
+            psi = torch.stack([stats[n].psi for n in group]).to(device, torch.float64)
+            lam, U = torch.linalg.eigh(psi)
+            sig = torch.stack([self._real_signal(stats[n]) for n in group]).to(device, torch.float64)
+            self._real[d] = (U, lam, sig)
+        self.last = {}
+
+    def _real_signal(self, s):
+        return {"class": s.phi, "soft": s.phi_soft, "mean": s.mu[:, None]}[self.signal]
+
+    def _capture(self, name, feat):
+        if self.enabled:
+            self._current[name] = site_stats(feat, self.backend)
+
+    def _filters(self):
+        """(filter applied to Ψ in the filter term, filter applied before the signal)."""
+        if self.filter in ("cfm", "krr"):
+            f = filt.krr(self.beta_t)
+            return f, f
+        if self.filter == "lowpass":
+            f = filt.low_pass()
+            return f, f
+        if self.filter == "allpass":
+            f = filt.all_pass()
+            return f, f
+        return filt.mtt(*self.mtt), filt.mtt_sum(*self.mtt)
+
+    def _real_side(self, d, f_filter, f_signal, dtype):
+        beta = self.beta_t
+        key = (d, repr(f_filter), repr(f_signal), dtype, float(beta) if not torch.is_tensor(beta) else None)
+        cached = self._real_cache.get(key)
+        if cached is not None:
+            return cached
+        U, lam, sig = self._real[d]
+        F_real = f_filter.from_eigh(U, lam)
+        T_real = (F_real if f_signal is f_filter else f_signal.from_eigh(U, lam)) @ sig
+        value = (F_real.to(dtype), T_real.to(dtype))
+        if key[-1] is not None:
+            if len(self._real_cache) > 64:
+                self._real_cache.clear()
+            self._real_cache[key] = value
+        return value
+
+    def set_curriculum(self, t, T) -> None:
+        """Set β_t from the schedule (cosine for filter="cfm", constant for "krr")."""
+        self.beta_t = beta_schedule(self.beta, t, T, self.schedule, self.beta_min)
+
+    def _synthetic_signal(self, stats, targets):
+        psi_b, mu_b, pooled = stats
+        if self.signal == "mean":
+            return mu_b[:, None]
+        if self.signal == "soft" and (targets.dim() != 2 or not targets.is_floating_point()):
+            raise ConfigError("signal='soft' takes teacher probabilities (n, c) as targets")
+        return flc(pooled, targets, self.num_classes)
+
+    def __call__(self, targets: torch.Tensor) -> torch.Tensor:
+        missing = [n for n in self.names if n not in self._current]
+        if missing:
+            raise RuntimeError(f"no features captured at {missing[:3]}...: call model(x) before cfm(targets)")
+        f_filter, f_signal = self._filters()
+        b = self.b
+        total_f = total_s = 0.0
+        checks = []
+        for d, group in self.groups.items():
+            psi_b = torch.stack([self._current[n][0] for n in group])
+            sig_b = torch.stack([self._synthetic_signal(self._current[n], targets) for n in group])
+            self._last[d] = (psi_b.detach(), sig_b.detach())
+            if self.check_finite:
+                checks.append(torch.isfinite(psi_b).all() & torch.isfinite(sig_b).all())
+            if self.emu and b > 1:
+                bar_psi, bar_sig = self._bar[d]
+                psi_b = psi_b / b + (1 - 1 / b) * bar_psi
+                sig_b = sig_b / b + (1 - 1 / b) * bar_sig
+            F_syn = f_filter.matrix(psi_b, names=group, backend=self.backend)
+            F_sig = F_syn if f_signal is f_filter else f_signal.matrix(psi_b, backend=self.backend)
+            F_real, T_real = self._real_side(d, f_filter, f_signal, psi_b.dtype)
+            fn = torch.linalg.matrix_norm(F_real - F_syn)
+            sn = torch.linalg.matrix_norm(T_real - F_sig @ sig_b)
+            total_f = total_f + fn.sum()
+            total_s = total_s + sn.sum()
+        if checks and not bool(torch.stack(checks).all()):
+            bad = [n for n in self.names if not torch.isfinite(self._current[n][0]).all()]
+            raise NonFiniteError(f"recover step {self.step}: NaN/Inf in the features of site(s) {bad or self.names}; "
+                                 "the synthetic images or the teacher produced non-finite values")
+        self.step += 1
+        self.last = {"filter": total_f.detach(), "signal": total_s.detach()}
+        return self.eta * (total_f + total_s)
+
+    def next_batch(self) -> None:
+        """Fold the last class-batch's detached statistics into the EMU running mean."""
+        if not self._last:
+            raise RuntimeError("next_batch() before any cfm(targets) call of this class-batch")
+        b = self.b
+        for d, (psi, sig) in self._last.items():
+            if b == 1:
+                self._bar[d] = (psi.clone(), sig.clone())
+            else:
+                bar_psi, bar_sig = self._bar[d]
+                self._bar[d] = (psi / b + (1 - 1 / b) * bar_psi, sig / b + (1 - 1 / b) * bar_sig)
+        self._last = {}
+        self._current = {}
+        self.b += 1
+
+    def emu_state(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """Per site: the running means (Ψ̄, signal̄) of the finished class-batches."""
+        out = {}
+        for d, group in self.groups.items():
+            if d in self._bar:
+                for i, name in enumerate(group):
+                    out[name] = (self._bar[d][0][i], self._bar[d][1][i])
+        return out
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """EMU state as plain tensors (for checkpoints and cross-rank merges)."""
+        state = {"b": torch.tensor(self.b)}
+        for d, (psi, sig) in self._bar.items():
+            state[f"{d}/psi"], state[f"{d}/sig"] = psi, sig
+        return state
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.b = int(state["b"])
+        self._bar = {d: (state[f"{d}/psi"], state[f"{d}/sig"]) for d in self.groups if f"{d}/psi" in state}
+
+    def remove(self) -> None:
+        """Remove the forward hooks from the model."""
+        self.hooks.remove()
+        self._current = {}

@@ -1,0 +1,69 @@
+"""Public math ops with backend dispatch (see ``backend.py``).
+
+Shapes: feat (n, d, h, w); psi (d, d) or batched (k, d, d); signals (d, c) or (k, d, c).
+Float64 input gives float64 output; anything else is computed in float32.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from . import reference
+from .backend import resolve_backend
+
+
+def site_stats(feat: torch.Tensor, backend: str | None = "auto"):
+    """(psi (d,d), mu (d,), pooled (n,d)) of a feature map (n,d,h,w); see reference.site_stats."""
+    name = resolve_backend(backend, feat.device)
+    if name == "torch":
+        return reference.site_stats(feat)
+    from .kernels import dispatch
+
+    return dispatch.site_stats(feat, name)
+
+
+def regularized_inverse(A: torch.Tensor, beta, backend: str | None = "auto", names=None):
+    """(A + βI)^-1 for symmetric positive semi-definite A (..., d, d), by Cholesky."""
+    name = resolve_backend(backend, A.device)
+    if name == "torch":
+        return reference.regularized_inverse(A, beta, names=names)
+    from .kernels import dispatch
+
+    return dispatch.regularized_inverse(A, beta, name, names=names)
+
+
+def as_label_matrix(labels: torch.Tensor, num_classes: int | None, dtype: torch.dtype) -> torch.Tensor:
+    """Integer class ids (n,) -> one-hot (n, c); probabilities (n, c) pass through."""
+    if labels.dim() == 1:
+        if labels.is_floating_point():
+            raise ValueError("1-D labels must be integer class ids; pass probabilities as (n, c)")
+        c = num_classes if num_classes is not None else int(labels.max()) + 1
+        return F.one_hot(labels.long(), c).to(dtype)
+    if labels.dim() != 2:
+        raise ValueError(f"labels must be (n,) class ids or (n, c) probabilities, got shape {tuple(labels.shape)}")
+    if num_classes is not None and labels.shape[1] != num_classes:
+        raise ValueError(f"labels have {labels.shape[1]} columns but num_classes={num_classes}")
+    return labels.to(dtype)
+
+
+def flc(pooled: torch.Tensor, labels: torch.Tensor, num_classes: int | None = None) -> torch.Tensor:
+    """Feature-label correlation Φ = (1/n) X'ᵀ Y of pooled features (n, d) -> (d, c)."""
+    x = pooled.to(reference.acc_dtype(pooled.dtype))
+    Y = as_label_matrix(labels, num_classes, x.dtype)
+    if Y.shape[0] != x.shape[0]:
+        raise ValueError(f"{x.shape[0]} pooled rows but {Y.shape[0]} labels")
+    return x.T @ Y / x.shape[0]
+
+
+def cfm_site_loss(psi_real, sig_real, psi_syn, sig_syn, beta, backend: str | None = "auto"):
+    """CFM filter and signal losses of one site (or a stack of sites), paper Eq. 20.
+
+    f_loss = ‖(Ψ + βI)^-1 − (Ψ_s + βI)^-1‖_F, s_loss = ‖(Ψ + βI)^-1 Φ − (Ψ_s + βI)^-1 Φ_s‖_F
+    (norms, not squared). psi_*: (..., d, d); sig_*: (..., d, c). Returns two tensors of
+    the leading shape, differentiable in every input.
+    """
+    dtype = torch.promote_types(reference.acc_dtype(psi_syn.dtype), reference.acc_dtype(psi_real.dtype))
+    psi_real, sig_real, psi_syn, sig_syn = (t.to(dtype) for t in (psi_real, sig_real, psi_syn, sig_syn))
+    inv_real = regularized_inverse(psi_real, beta, backend)
+    inv_syn = regularized_inverse(psi_syn, beta, backend)
+    return reference.filter_signal_norms(inv_real, inv_real @ sig_real, inv_syn, sig_syn)

@@ -1,0 +1,258 @@
+"""Exact statistics of the real data at every hook site, and their safe file format.
+
+Streaming and numerically safe: each batch is centred on its own mean in float32, and the
+batches are merged in float64 with Chan's formula M = M_a + M_b + (n_a n_b / n) δδᵀ, so data
+whose |mean| is 100× its standard deviation keeps its covariance to float32 accuracy.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .errors import ConfigError, NonFiniteError, StatsFileError, StatsMismatchError
+from .ops import as_label_matrix, site_stats
+from .progress import progress
+from .sites import SiteHooks
+
+FORMAT = "unidd_fast.real_stats/1"
+
+
+@dataclass
+class SiteStats:
+    """Statistics of one site. psi (d,d), mu (d,), phi (d,c) class FLC, phi_soft (d,c) FLC
+    with the teacher's probabilities; count = number of rows (images·h·w) seen; all float64."""
+
+    psi: torch.Tensor
+    mu: torch.Tensor
+    phi: torch.Tensor
+    phi_soft: torch.Tensor
+    count: int
+
+    @property
+    def dim(self) -> int:
+        return self.psi.shape[0]
+
+
+class MomentAccumulator:
+    """Streaming (count, mean, centred second moment, label sums) of one site, float64."""
+
+    def __init__(self):
+        self.count = 0
+        self.mean = self.m2 = self.label_sum = self.soft_sum = None
+
+    def update(self, psi_b, mu_b, pooled, onehot, probs, rows: int) -> None:
+        psi_b, mu_b, pooled = psi_b.double(), mu_b.double(), pooled.double()
+        m2_b = psi_b * rows
+        if self.count == 0:
+            self.mean, self.m2 = mu_b.clone(), m2_b
+            self.label_sum = pooled.T @ onehot.double()
+            self.soft_sum = pooled.T @ probs.double()
+        else:
+            total = self.count + rows
+            delta = mu_b - self.mean
+            self.mean += delta * (rows / total)
+            self.m2 += m2_b + torch.outer(delta, delta) * (self.count * rows / total)
+            self.label_sum += pooled.T @ onehot.double()
+            self.soft_sum += pooled.T @ probs.double()
+        self.count += rows
+
+    def merge(self, other: "MomentAccumulator") -> None:
+        """Fold another accumulator in (Chan's parallel formula); used to combine shards."""
+        if other.count == 0:
+            return
+        if self.count == 0:
+            self.__dict__.update({k: (v.clone() if torch.is_tensor(v) else v) for k, v in other.__dict__.items()})
+            return
+        total = self.count + other.count
+        delta = other.mean - self.mean
+        self.m2 += other.m2 + torch.outer(delta, delta) * (self.count * other.count / total)
+        self.mean += delta * (other.count / total)
+        self.label_sum += other.label_sum
+        self.soft_sum += other.soft_sum
+        self.count = total
+
+    def finalize(self, num_images: int) -> SiteStats:
+        return SiteStats(
+            psi=self.m2 / self.count,
+            mu=self.mean.clone(),
+            phi=self.label_sum / num_images,
+            phi_soft=self.soft_sum / num_images,
+            count=self.count,
+        )
+
+
+def _checksum(tensors: dict[str, torch.Tensor]) -> str:
+    digest = hashlib.sha256()
+    for key in sorted(tensors):
+        digest.update(key.encode())
+        digest.update(tensors[key].contiguous().cpu().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def atomic_write(path: Path, write) -> None:
+    """Call ``write(tmp_path)`` then rename over ``path``: a crash leaves old or new, never torn."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+class RealStats:
+    """Real-data statistics of every site of one model, with the provenance needed to refuse
+    a mismatched use: model class, ordered site names, feature shapes, image and class counts."""
+
+    def __init__(self, sites: dict[str, SiteStats], shapes: dict[str, tuple], model_class: str,
+                 num_images: int, num_classes: int):
+        self._sites = dict(sites)
+        self.shapes = {k: tuple(v) for k, v in shapes.items()}
+        self.model_class = model_class
+        self.num_images = int(num_images)
+        self.num_classes = int(num_classes)
+
+    @property
+    def sites(self) -> list[str]:
+        return list(self._sites)
+
+    def __getitem__(self, site: str) -> SiteStats:
+        try:
+            return self._sites[site]
+        except KeyError:
+            raise StatsMismatchError(f"no statistics for site {site!r}; the file has {self.sites}") from None
+
+    def __len__(self) -> int:
+        return len(self._sites)
+
+    def __repr__(self) -> str:
+        return (f"RealStats({self.model_class}, {len(self)} sites, {self.num_images} images, "
+                f"{self.num_classes} classes)")
+
+    def validate(self, model: nn.Module | None = None, sites: list[str] | None = None,
+                 num_classes: int | None = None) -> None:
+        """Raise StatsMismatchError if these statistics do not belong to ``model``/``sites``."""
+        if model is not None:
+            name = type(getattr(model, "module", model)).__name__
+            if name != self.model_class:
+                raise StatsMismatchError(
+                    f"statistics were collected on a {self.model_class}, not a {name}: run "
+                    "`unidd-fast stats` with this teacher")
+        if sites is not None and list(sites) != self.sites:
+            extra, missing = sorted(set(sites) - set(self.sites)), sorted(set(self.sites) - set(sites))
+            raise StatsMismatchError(
+                f"site names differ from the statistics file (missing there: {extra[:5]}, only there: "
+                f"{missing[:5]}); collect statistics with the same sites= setting")
+        if num_classes is not None and num_classes != self.num_classes:
+            raise StatsMismatchError(
+                f"statistics have {self.num_classes} classes, the run has {num_classes}")
+
+    def save(self, path) -> None:
+        """Write a safetensors file (tensors + JSON metadata + sha256 checksum), atomically."""
+        tensors = {}
+        for name, s in self._sites.items():
+            for field in ("psi", "mu", "phi", "phi_soft"):
+                tensors[f"{name}/{field}"] = getattr(s, field).detach().cpu().contiguous()
+        meta = {
+            "format": FORMAT,
+            "model_class": self.model_class,
+            "sites": self.sites,
+            "shapes": self.shapes,
+            "counts": {n: s.count for n, s in self._sites.items()},
+            "num_images": self.num_images,
+            "num_classes": self.num_classes,
+            "sha256": _checksum(tensors),
+        }
+        atomic_write(Path(path), lambda tmp: save_file(tensors, tmp, metadata={"unidd": json.dumps(meta)}))
+
+    @classmethod
+    def load(cls, path, device="cpu") -> "RealStats":
+        """Read a file written by ``save``; no pickle is involved. Raises StatsFileError if it
+        is missing, truncated, corrupted or not a statistics file."""
+        path = Path(path)
+        if not path.is_file():
+            raise StatsFileError(f"statistics file {path} does not exist; create it with `unidd-fast stats`")
+        try:
+            from safetensors import safe_open
+
+            with safe_open(str(path), framework="pt") as handle:
+                raw = (handle.metadata() or {}).get("unidd")
+            tensors = load_file(str(path))
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise StatsFileError(f"{path} is not a readable statistics file ({exc}); it may be truncated: "
+                                 "recreate it with `unidd-fast stats`") from exc
+        if raw is None:
+            raise StatsFileError(f"{path} has no unidd_fast metadata; it was not written by RealStats.save")
+        meta = json.loads(raw)
+        if meta.get("format") != FORMAT:
+            raise StatsFileError(f"{path} has format {meta.get('format')!r}, expected {FORMAT!r}")
+        if _checksum(tensors) != meta["sha256"]:
+            raise StatsFileError(f"{path} fails its checksum (corrupted); recreate it with `unidd-fast stats`")
+        sites = {
+            n: SiteStats(*(tensors[f"{n}/{f}"].to(device) for f in ("psi", "mu", "phi", "phi_soft")),
+                         count=meta["counts"][n])
+            for n in meta["sites"]
+        }
+        return cls(sites, meta["shapes"], meta["model_class"], meta["num_images"], meta["num_classes"])
+
+
+@torch.no_grad()
+def collect_real_stats(model: nn.Module, loader, num_classes: int, sites="bn", device=None,
+                       show_progress: bool | None = None) -> RealStats:
+    """Exact statistics of the whole ``loader`` (yielding (images, int labels)) at every site.
+
+    The model runs in eval mode; its outputs give the soft-label FLC (teacher probabilities).
+    """
+    if num_classes < 1:
+        raise ConfigError(f"num_classes must be >= 1, got {num_classes}")
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    acc: dict[str, MomentAccumulator] = {}
+    shapes: dict[str, tuple] = {}
+    pending: dict[str, tuple] = {}
+
+    def on_site(name, feat):
+        pending[name] = site_stats(feat)
+        shapes[name] = tuple(feat.shape[1:])
+
+    hooks = SiteHooks(model, sites, on_site)
+    for name in hooks.names:
+        acc[name] = MomentAccumulator()
+    num_images = 0
+    try:
+        for step, (images, labels) in enumerate(progress(loader, desc="stats", enable=show_progress)):
+            images, labels = images.to(device), labels.to(device)
+            if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
+                raise ConfigError(f"labels out of range [0, {num_classes}) in batch {step}: "
+                                  "num_classes does not match the dataset")
+            pending.clear()
+            probs = torch.softmax(model(images).float(), dim=1)
+            onehot = as_label_matrix(labels, num_classes, torch.float64)
+            for name, (psi_b, mu_b, pooled) in pending.items():
+                if not bool(torch.isfinite(psi_b).all() & torch.isfinite(mu_b).all()):
+                    raise NonFiniteError(f"stats: NaN/Inf in the input of site {name!r} at batch {step}; "
+                                         "check the data and the teacher weights")
+                rows = pooled.shape[0] * shapes[name][1] * shapes[name][2]
+                acc[name].update(psi_b, mu_b, pooled, onehot, probs, rows)
+            num_images += images.shape[0]
+    finally:
+        hooks.remove()
+        model.train(was_training)
+    if num_images == 0:
+        raise ConfigError("the loader yielded no images")
+    return RealStats({n: a.finalize(num_images) for n, a in acc.items()}, shapes,
+                     type(model).__name__, num_images, num_classes)

@@ -1,0 +1,69 @@
+"""Hook sites: which layers' inputs are matched, and the forward hooks that capture them."""
+from __future__ import annotations
+
+from typing import Callable, Iterable
+
+import torch
+from torch import nn
+
+from .errors import ConfigError
+
+SITE_KINDS = ("bn", "conv")
+
+
+def resolve_sites(model: nn.Module, sites: str | Iterable[str] = "bn") -> list[tuple[str, nn.Module]]:
+    """Ordered (name, module) pairs whose *input* is matched.
+
+    "bn": every BatchNorm2d (default); "conv": every Conv2d whose name contains neither
+    "downsample" nor "shortcut" (the authors' release); or an explicit list of module names.
+    """
+    modules = dict(model.named_modules())
+    if isinstance(sites, str):
+        if sites == "bn":
+            found = [(n, m) for n, m in modules.items() if isinstance(m, nn.BatchNorm2d)]
+        elif sites == "conv":
+            found = [
+                (n, m)
+                for n, m in modules.items()
+                if isinstance(m, nn.Conv2d) and "downsample" not in n and "shortcut" not in n
+            ]
+        else:
+            raise ConfigError(f"sites must be one of {SITE_KINDS} or a list of module names, got {sites!r}")
+    else:
+        names = list(sites)
+        missing = [n for n in names if n not in modules]
+        if missing:
+            raise ConfigError(f"no module named {missing} in {type(model).__name__}; known names include {list(modules)[1:8]}")
+        found = [(n, modules[n]) for n in names]
+    if not found:
+        raise ConfigError(f"{type(model).__name__} has no {sites!r} sites to match")
+    return found
+
+
+class SiteHooks:
+    """Forward pre-hooks on every site calling ``fn(site_name, input_tensor)``."""
+
+    def __init__(self, model: nn.Module, sites, fn: Callable[[str, torch.Tensor], None]):
+        self.sites = resolve_sites(model, sites)
+        self.names = [name for name, _ in self.sites]
+        self._handles = [
+            module.register_forward_pre_hook(self._make_hook(name, fn)) for name, module in self.sites
+        ]
+
+    @staticmethod
+    def _make_hook(name, fn):
+        def hook(module, args):
+            fn(name, args[0])
+
+        return hook
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.remove()
