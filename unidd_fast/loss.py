@@ -12,7 +12,7 @@ from torch import nn
 
 from . import filters as filt
 from .errors import ConfigError, NonFiniteError, StatsMismatchError
-from .ops import flc, site_stats
+from .ops import emu_fold, filtered_norms, flc, site_stats
 from .real_stats import RealStats
 from .schedule import beta_schedule
 from .sites import SiteHooks
@@ -146,13 +146,9 @@ class CFMLoss:
                 checks.append(torch.isfinite(psi_b).all() & torch.isfinite(sig_b).all())
             if self.emu and b > 1:
                 bar_psi, bar_sig = self._bar[d]
-                psi_b = psi_b / b + (1 - 1 / b) * bar_psi
-                sig_b = sig_b / b + (1 - 1 / b) * bar_sig
-            F_syn = f_filter.matrix(psi_b, names=group, backend=self.backend)
-            F_sig = F_syn if f_signal is f_filter else f_signal.matrix(psi_b, backend=self.backend)
+                psi_b, sig_b = emu_fold(psi_b, bar_psi, b), emu_fold(sig_b, bar_sig, b)
             F_real, T_real = self._real_side(d, f_filter, f_signal, psi_b.dtype)
-            fn = torch.linalg.matrix_norm(F_real - F_syn)
-            sn = torch.linalg.matrix_norm(T_real - F_sig @ sig_b)
+            fn, sn = filtered_norms(F_real, T_real, psi_b, sig_b, f_filter, f_signal, group, self.backend)
             total_f = total_f + fn.sum()
             total_s = total_s + sn.sum()
         if checks and not bool(torch.stack(checks).all()):
@@ -173,7 +169,7 @@ class CFMLoss:
                 self._bar[d] = (psi.clone(), sig.clone())
             else:
                 bar_psi, bar_sig = self._bar[d]
-                self._bar[d] = (psi / b + (1 - 1 / b) * bar_psi, sig / b + (1 - 1 / b) * bar_sig)
+                self._bar[d] = (emu_fold(psi, bar_psi, b), emu_fold(sig, bar_sig, b))
         self._last = {}
         self._current = {}
         self.b += 1

@@ -55,6 +55,25 @@ def flc(pooled: torch.Tensor, labels: torch.Tensor, num_classes: int | None = No
     return x.T @ Y / x.shape[0]
 
 
+def emu_fold(current: torch.Tensor, running: torch.Tensor, b: int) -> torch.Tensor:
+    """EMU (paper Eq. 19): current / b + (1 − 1/b) · running, for class-batch index b >= 1."""
+    return current / b + (1 - 1 / b) * running
+
+
+def filtered_norms(F_real, T_real, psi_syn, sig_syn, f_filter, f_signal=None, names=None,
+                   backend: str | None = "auto"):
+    """Per-site norms ‖F_real − f(Ψ_s)‖_F and ‖T_real − g(Ψ_s) Φ_s‖_F.
+
+    F_real (k,d,d) = f(Ψ) and T_real (k,d,c) = g(Ψ) Φ of the real side; psi_syn (k,d,d),
+    sig_syn (k,d,c); ``f_signal`` (g) defaults to ``f_filter``. Returns two (k,) tensors.
+    """
+    F_syn = f_filter.matrix(psi_syn, names=names, backend=backend)
+    F_sig = F_syn if f_signal is None or f_signal is f_filter else f_signal.matrix(psi_syn, backend=backend)
+    f_norm = torch.linalg.matrix_norm(F_real - F_syn)
+    s_norm = torch.linalg.matrix_norm(T_real - F_sig @ sig_syn)
+    return f_norm, s_norm
+
+
 def cfm_site_loss(psi_real, sig_real, psi_syn, sig_syn, beta, backend: str | None = "auto"):
     """CFM filter and signal losses of one site (or a stack of sites), paper Eq. 20.
 
@@ -62,8 +81,9 @@ def cfm_site_loss(psi_real, sig_real, psi_syn, sig_syn, beta, backend: str | Non
     (norms, not squared). psi_*: (..., d, d); sig_*: (..., d, c). Returns two tensors of
     the leading shape, differentiable in every input.
     """
+    from .filters import krr
+
     dtype = torch.promote_types(reference.acc_dtype(psi_syn.dtype), reference.acc_dtype(psi_real.dtype))
     psi_real, sig_real, psi_syn, sig_syn = (t.to(dtype) for t in (psi_real, sig_real, psi_syn, sig_syn))
     inv_real = regularized_inverse(psi_real, beta, backend)
-    inv_syn = regularized_inverse(psi_syn, beta, backend)
-    return reference.filter_signal_norms(inv_real, inv_real @ sig_real, inv_syn, sig_syn)
+    return filtered_norms(inv_real, inv_real @ sig_real, psi_syn, sig_syn, krr(beta), backend=backend)

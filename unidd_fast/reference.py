@@ -75,14 +75,3 @@ def regularized_inverse(A: torch.Tensor, beta, check: bool = True, names=None) -
     Raises NotPositiveDefiniteError (naming ``names[i]`` when given) if a factorisation fails.
     """
     return _RegularizedInverse.apply(A, beta, check, names)
-
-
-def filter_signal_norms(F_real, T_real, F_syn, sig_syn) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-site Frobenius norms ‖F_real − F_syn‖ and ‖T_real − F_syn sig_syn‖.
-
-    F_*: (k, d, d) filtered matrices f(Ψ); T_real: (k, d, c) = f(Ψ) Φ of the real side;
-    sig_syn: (k, d, c). Returns two (k,) tensors.
-    """
-    f_norm = torch.linalg.matrix_norm(F_real - F_syn)
-    s_norm = torch.linalg.matrix_norm(T_real - F_syn @ sig_syn)
-    return f_norm, s_norm
