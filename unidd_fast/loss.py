@@ -134,30 +134,38 @@ class CFMLoss:
         missing = [n for n in self.names if n not in self._current]
         if missing:
             raise RuntimeError(f"no features captured at {missing[:3]}...: call model(x) before cfm(targets)")
-        f_filter, f_signal = self._filters()
-        b = self.b
-        total_f = total_s = 0.0
-        checks = []
+        batch = {}
         for d, group in self.groups.items():
             psi_b = torch.stack([self._current[n][0] for n in group])
             sig_b = torch.stack([self._synthetic_signal(self._current[n], targets) for n in group])
+            batch[d] = (psi_b, sig_b)
             self._last[d] = (psi_b.detach(), sig_b.detach())
-            if self.check_finite:
-                checks.append(torch.isfinite(psi_b).all() & torch.isfinite(sig_b).all())
-            if self.emu and b > 1:
+        if self.check_finite:
+            self._raise_if_not_finite(batch)
+        f_filter, f_signal = self._filters()
+        total_f = total_s = 0.0
+        for d, group in self.groups.items():
+            psi_b, sig_b = batch[d]
+            if self.emu and self.b > 1:
                 bar_psi, bar_sig = self._bar[d]
-                psi_b, sig_b = emu_fold(psi_b, bar_psi, b), emu_fold(sig_b, bar_sig, b)
+                psi_b, sig_b = emu_fold(psi_b, bar_psi, self.b), emu_fold(sig_b, bar_sig, self.b)
             F_real, T_real = self._real_side(d, f_filter, f_signal, psi_b.dtype)
             fn, sn = filtered_norms(F_real, T_real, psi_b, sig_b, f_filter, f_signal, group, self.backend)
             total_f = total_f + fn.sum()
             total_s = total_s + sn.sum()
-        if checks and not bool(torch.stack(checks).all()):
-            bad = [n for n in self.names if not torch.isfinite(self._current[n][0]).all()]
-            raise NonFiniteError(f"recover step {self.step}: NaN/Inf in the features of site(s) {bad or self.names}; "
-                                 "the synthetic images or the teacher produced non-finite values")
         self.step += 1
         self.last = {"filter": total_f.detach(), "signal": total_s.detach()}
         return self.eta * (total_f + total_s)
+
+    def _raise_if_not_finite(self, batch) -> None:
+        """One host sync for all sites; on failure, name the sites and the step."""
+        ok = torch.stack([torch.isfinite(p).all() & torch.isfinite(g).all() for p, g in batch.values()])
+        if bool(ok.all()):
+            return
+        bad = [n for d, group in self.groups.items() for i, n in enumerate(group)
+               if not (torch.isfinite(batch[d][0][i]).all() and torch.isfinite(batch[d][1][i]).all())]
+        raise NonFiniteError(f"recover step {self.step}: NaN/Inf in the input of site(s) {bad}; the synthetic "
+                             "images or the teacher produced non-finite values (lower the learning rate?)")
 
     def next_batch(self) -> None:
         """Fold the last class-batch's detached statistics into the EMU running mean."""

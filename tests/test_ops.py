@@ -1,0 +1,133 @@
+"""Every formula of DESIGN.md §1 against a float64 reference written the obvious way."""
+import math
+
+import pytest
+import torch
+
+import unidd_fast as uf
+from unidd_fast.errors import ConfigError, NotPositiveDefiniteError
+
+SHAPES = [(3, 5, 4, 3), (2, 24, 7, 5), (5, 13, 1, 1), (1, 40, 3, 2)]
+
+
+def obvious_stats(feat):
+    """torch.cov on a permuted copy, as public code does (float64)."""
+    n, d, h, w = feat.shape
+    rows = feat.double().permute(0, 2, 3, 1).reshape(-1, d)
+    return torch.cov(rows.T, correction=0), rows.mean(0), feat.double().mean((2, 3))
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_site_stats_matches_obvious(shape, channels_last, gen):
+    feat = torch.randn(shape, generator=gen, dtype=torch.float64) * 2 + 0.5
+    if channels_last:
+        feat = feat.contiguous(memory_format=torch.channels_last)
+    psi, mu, pooled = uf.site_stats(feat, backend="torch")
+    ref = obvious_stats(feat)
+    assert psi.dtype == torch.float64
+    for got, want in zip((psi, mu, pooled), ref):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+def test_site_stats_dtypes(gen):
+    feat = torch.randn(2, 6, 3, 3, generator=gen)
+    assert uf.site_stats(feat)[0].dtype == torch.float32
+    # bf16 input accumulates in fp32: against the same bf16 values in float64 only fp32
+    # accumulation error (~1e-7 relative per add over 18 rows) remains
+    bf = feat.bfloat16()
+    psi_bf = uf.site_stats(bf)[0]
+    assert psi_bf.dtype == torch.float32
+    torch.testing.assert_close(psi_bf.double(), obvious_stats(bf.double())[0], rtol=1e-5, atol=1e-5)
+
+
+def test_site_stats_gradcheck(gen):
+    feat = torch.randn(2, 5, 3, 2, generator=gen, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x: uf.site_stats(x, backend="torch"), (feat,))
+
+
+@pytest.mark.parametrize("c", [1, 3, 7])
+def test_flc_int_and_soft(c, gen):
+    pooled = torch.randn(9, 6, generator=gen, dtype=torch.float64)
+    labels = torch.randint(0, c, (9,), generator=gen)
+    Y = torch.nn.functional.one_hot(labels, c).double()
+    torch.testing.assert_close(uf.flc(pooled, labels, c), pooled.T @ Y / 9)
+    probs = torch.softmax(torch.randn(9, c, generator=gen, dtype=torch.float64), 1)
+    torch.testing.assert_close(uf.flc(pooled, probs), pooled.T @ probs / 9)
+    assert uf.flc(pooled.float(), labels, c).dtype == torch.float32
+
+
+def random_spd(k, d, gen, dtype=torch.float64):
+    A = torch.randn(k, d, 2 * d, generator=gen, dtype=dtype)
+    return A @ A.transpose(-1, -2) / (2 * d)
+
+
+@pytest.mark.parametrize("d", [1, 5, 17])
+def test_regularized_inverse(d, gen):
+    A = random_spd(3, d, gen)
+    for beta in (1e-3, 0.1, 2.0):
+        want = torch.linalg.inv(A + beta * torch.eye(d, dtype=A.dtype))
+        torch.testing.assert_close(uf.regularized_inverse(A, beta, backend="torch"), want, rtol=1e-9, atol=1e-9)
+    A.requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda a: uf.regularized_inverse(0.5 * (a + a.mT), 0.3, backend="torch"), (A,))
+
+
+def test_regularized_inverse_fp32_accuracy(gen):
+    A = random_spd(4, 24, gen)
+    want = torch.linalg.inv(A + 1e-3 * torch.eye(24, dtype=A.dtype))
+    got = uf.regularized_inverse(A.float(), 1e-3).double()
+    # fp32 Cholesky: relative error ~ cond · eps32; cond(A + 1e-3 I) here is ~ 3e3
+    assert (got - want).norm() / want.norm() < 1e-3
+
+
+def test_regularized_inverse_not_spd_raises(gen):
+    A = random_spd(2, 4, gen)
+    A[1] = -torch.eye(4, dtype=A.dtype)
+    with pytest.raises(NotPositiveDefiniteError, match=r"\['b'\]"):
+        uf.regularized_inverse(A, 0.1, names=["a", "b"])
+    A[1, 0, 0] = float("nan")
+    with pytest.raises(NotPositiveDefiniteError):
+        uf.regularized_inverse(A, 0.1)
+
+
+def obvious_cfm(psi_r, sig_r, psi_s, sig_s, beta):
+    eye = torch.eye(psi_r.shape[-1], dtype=torch.float64)
+    ir, is_ = torch.linalg.inv(psi_r + beta * eye), torch.linalg.inv(psi_s + beta * eye)
+    return torch.linalg.norm(ir - is_), torch.linalg.norm(ir @ sig_r - is_ @ sig_s)
+
+
+@pytest.mark.parametrize("d,c", [(6, 1), (11, 4)])
+def test_cfm_site_loss(d, c, gen):
+    psi_r, psi_s = random_spd(1, d, gen)[0], random_spd(1, d, gen)[0]
+    sig_r, sig_s = torch.randn(d, c, generator=gen, dtype=torch.float64), torch.randn(d, c, generator=gen, dtype=torch.float64)
+    f, s = uf.cfm_site_loss(psi_r, sig_r, psi_s, sig_s, 0.2)
+    fw, sw = obvious_cfm(psi_r, sig_r, psi_s, sig_s, 0.2)
+    torch.testing.assert_close(f, fw)
+    torch.testing.assert_close(s, sw)
+    assert f.dtype == torch.float64
+    psi_s.requires_grad_(True)
+    sig_s.requires_grad_(True)
+
+    def fn(p, g):
+        p = 0.5 * (p + p.T)
+        a, b = uf.cfm_site_loss(psi_r, sig_r, p, g, 0.2)
+        return a + b
+
+    assert torch.autograd.gradcheck(fn, (psi_s, sig_s))
+    f32 = uf.cfm_site_loss(psi_r.float(), sig_r.float(), psi_s.detach().float(), sig_s.detach().float(), 0.2)[0]
+    assert f32.dtype == torch.float32
+
+
+def test_beta_schedule():
+    assert uf.beta_schedule(0.1, 0, 10) == pytest.approx(0.1)
+    assert uf.beta_schedule(0.1, 5, 10) == pytest.approx(0.05)
+    assert uf.beta_schedule(0.1, 10, 10) == pytest.approx(1e-6)  # floored
+    assert uf.beta_schedule(0.1, 3, 10) == pytest.approx(0.1 * (1 + math.cos(math.pi * 0.3)) / 2)
+    assert uf.beta_schedule(0.1, 3, 10, kind="linear") == pytest.approx(0.07)
+    assert uf.beta_schedule(0.1, 3, 10, kind="constant") == pytest.approx(0.1)
+    t = uf.beta_schedule(torch.tensor(0.1, dtype=torch.float64), torch.tensor(3.0, dtype=torch.float64), 10)
+    assert torch.is_tensor(t) and float(t) == pytest.approx(0.1 * (1 + math.cos(math.pi * 0.3)) / 2)
+    with pytest.raises(ConfigError):
+        uf.beta_schedule(0.1, 1, 10, kind="step")
+    with pytest.raises(ConfigError):
+        uf.beta_schedule(0.1, 1, 10, beta_min=0)
