@@ -131,6 +131,15 @@ class CFMLoss:
         return flc(pooled, targets, self.num_classes)
 
     def __call__(self, targets: torch.Tensor) -> torch.Tensor:
+        norms = self.site_norms(targets)
+        total_f = sum(fn.sum() for fn, _ in norms.values())
+        total_s = sum(sn.sum() for _, sn in norms.values())
+        self.last = {"filter": total_f.detach(), "signal": total_s.detach()}
+        return self.eta * (total_f + total_s)
+
+    def site_norms(self, targets: torch.Tensor) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+        """Per site width d: ((k,) filter norms, (k,) signal norms) of the sites ``self.groups[d]``
+        for the captured batch, unweighted by η; ``cfm(targets)`` is η times their total."""
         missing = [n for n in self.names if n not in self._current]
         if missing:
             raise RuntimeError(f"no features captured at {missing[:3]}...: call model(x) before cfm(targets)")
@@ -143,19 +152,16 @@ class CFMLoss:
         if self.check_finite:
             self._raise_if_not_finite(batch)
         f_filter, f_signal = self._filters()
-        total_f = total_s = 0.0
+        norms = {}
         for d, group in self.groups.items():
             psi_b, sig_b = batch[d]
             if self.emu and self.b > 1:
                 bar_psi, bar_sig = self._bar[d]
                 psi_b, sig_b = emu_fold(psi_b, bar_psi, self.b), emu_fold(sig_b, bar_sig, self.b)
             F_real, T_real = self._real_side(d, f_filter, f_signal, psi_b.dtype)
-            fn, sn = filtered_norms(F_real, T_real, psi_b, sig_b, f_filter, f_signal, group, self.backend)
-            total_f = total_f + fn.sum()
-            total_s = total_s + sn.sum()
+            norms[d] = filtered_norms(F_real, T_real, psi_b, sig_b, f_filter, f_signal, group, self.backend)
         self.step += 1
-        self.last = {"filter": total_f.detach(), "signal": total_s.detach()}
-        return self.eta * (total_f + total_s)
+        return norms
 
     def _raise_if_not_finite(self, batch) -> None:
         """One host sync for all sites; on failure, name the sites and the step."""
