@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from . import reference
+from . import composite, reference
 from .backend import resolve_backend
 
 
@@ -16,7 +16,7 @@ def site_stats(feat: torch.Tensor, backend: str | None = "auto"):
     """(psi (d,d), mu (d,), pooled (n,d)) of a feature map (n,d,h,w); see reference.site_stats."""
     name = resolve_backend(backend, feat.device)
     if name == "torch":
-        return reference.site_stats(feat)
+        return composite.site_stats(feat)
     from .kernels import dispatch
 
     return dispatch.site_stats(feat, name)
