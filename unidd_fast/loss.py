@@ -77,8 +77,13 @@ class CFMLoss:
         self._real = {}
         for d, group in self.groups.items():
             psi = torch.stack([stats[n].psi for n in group]).to(device, torch.float64)
-            lam, U = torch.linalg.eigh(psi)
             sig = torch.stack([self._real_signal(stats[n]) for n in group]).to(device, torch.float64)
+            if not bool(torch.isfinite(psi).all() & torch.isfinite(sig).all()):
+                raise StatsMismatchError(
+                    f"the real statistics of site(s) {group} hold NaN/Inf for signal {signal!r}; statistics "
+                    "converted from BatchNorm buffers have no feature-label correlation: collect full "
+                    "statistics with `unidd-fast stats`, or use signal='mean'")
+            lam, U = torch.linalg.eigh(psi)
             self._real[d] = (U, lam, sig)
         self.last = {}
 
