@@ -1,0 +1,252 @@
+"""Channel statistics of one feature map in one pass: Ψ (d,d), μ (d,), pooled (n,d).
+
+Semantics: ``unidd_fast.reference.site_stats``. The feature map (n, d, h, w) is read in
+place, NCHW or channels_last (any layout whose h and w merge into one spatial stride), in
+fp32/fp16/bf16 (accumulated in fp32) or fp64 (accumulated in fp64). Nothing of size
+(n·h·w, d) is materialised.
+
+Forward, two launches:
+  1. ``_site_stats_fwd_kernel``, grid (chunks, nb, nb) over sample chunks and d-blocks
+     I ≤ J: the shifted Gram Σ (x − K)_I (x − K)_Jᵀ of its chunk by ``tl.dot``, the
+     shifted per-sample sums (→ pooled) and the chunk's shifted column sums. The shift K is
+     the first row of the map (a data point, so |μ − K| is of the order of σ and
+     Σ(x−K)(x−K)ᵀ/N − (μ−K)(μ−K)ᵀ does not cancel catastrophically even when |μ| ≫ σ).
+  2. ``_site_stats_finalize_kernel``, grid (nb, nb): sums the chunk partials,
+     Ψ = S/N − m mᵀ with m = μ − K, μ = K + m.
+Backward, one launch (``_site_stats_bwd_kernel``, grid (n, hw-blocks, nb)):
+  dX = (1/N)(X − μ)(G + Gᵀ) + dμ/N + dpooled[sample]/(h·w), in the layout and dtype of X.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+from unidd_fast.backend import interpreting
+from unidd_fast.errors import ConfigError
+from unidd_fast.reference import acc_dtype
+
+BLOCK_R = 32  # rows (pixels of one sample) per tile: the K dimension of the Gram tl.dot
+NUM_WARPS = 4
+
+_TL_DTYPES = {torch.float32: tl.float32, torch.float64: tl.float64}
+
+
+def block_d(d: int) -> int:
+    """Channel tile: 32 for d ≤ 32, else 64 (ResNet widths 64..512 are multiples of it)."""
+    return 32 if d <= 32 else 64
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """fp64: exact fp64 dot. fp32 input: 3xTF32 (fp32-accurate on tensor cores). fp16/bf16
+    input: TF32 on the centred fp32 values (10-bit mantissa, finer than the input's own)."""
+    if dtype == torch.float64:
+        return "ieee"
+    return "tf32x3" if dtype == torch.float32 else "tf32"
+
+
+def config(dtype: torch.dtype, d: int) -> dict:
+    """Constexprs the launchers pick for a (dtype, d) input; the AOT report compiles each."""
+    return {"BLOCK_R": BLOCK_R, "BLOCK_D": block_d(d), "ACC": _TL_DTYPES[acc_dtype(dtype)],
+            "DOT_PRECISION": dot_precision(dtype)}
+
+
+@triton.jit
+def _site_stats_fwd_kernel(x_ptr, part_ptr, colsum_ptr, pooled_ptr,
+                           n, d, HW, stride_n, stride_c, stride_p, samples_per_chunk,
+                           BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr,
+                           DOT_PRECISION: tl.constexpr):
+    chunk = tl.program_id(0)
+    bi = tl.program_id(1)
+    bj = tl.program_id(2)
+    if bi > bj:  # the Gram is symmetric: block (J, I) is written as the transpose of (I, J)
+        return
+    ci = bi * BLOCK_D + tl.arange(0, BLOCK_D)
+    cj = bj * BLOCK_D + tl.arange(0, BLOCK_D)
+    mi = ci < d
+    mj = cj < d
+    shift_i = tl.load(x_ptr + ci * stride_c, mask=mi, other=0).to(ACC)
+    shift_j = tl.load(x_ptr + cj * stride_c, mask=mj, other=0).to(ACC)
+    r = tl.arange(0, BLOCK_R)
+    gram = tl.zeros((BLOCK_D, BLOCK_D), dtype=ACC)
+    colsum = tl.zeros((BLOCK_D,), dtype=ACC)
+    s_begin = chunk * samples_per_chunk
+    for i in range(0, tl.minimum(samples_per_chunk, n - s_begin)):
+        s = s_begin + i
+        base = x_ptr + s.to(tl.int64) * stride_n
+        psum = tl.zeros((BLOCK_D,), dtype=ACC)
+        for p0 in range(0, HW, BLOCK_R):
+            rows = p0 + r
+            mr = rows < HW
+            mask_i = mr[:, None] & mi[None, :]
+            mask_j = mr[:, None] & mj[None, :]
+            xi = tl.load(base + rows[:, None] * stride_p + ci[None, :] * stride_c, mask=mask_i, other=0)
+            xj = tl.load(base + rows[:, None] * stride_p + cj[None, :] * stride_c, mask=mask_j, other=0)
+            xi = tl.where(mask_i, xi.to(ACC) - shift_i[None, :], 0)
+            xj = tl.where(mask_j, xj.to(ACC) - shift_j[None, :], 0)
+            gram = tl.dot(tl.trans(xi), xj, gram, input_precision=DOT_PRECISION)
+            psum += tl.sum(xi, axis=0)
+        if bi == bj:
+            tl.store(pooled_ptr + s * d + ci, shift_i + psum / HW, mask=mi)
+        colsum += psum
+    part = part_ptr + chunk.to(tl.int64) * d * d
+    mask = mi[:, None] & mj[None, :]
+    tl.store(part + ci[:, None] * d + cj[None, :], gram, mask=mask)
+    if bi == bj:
+        tl.store(colsum_ptr + chunk * d + ci, colsum, mask=mi)
+    else:
+        tl.store(part + cj[None, :] * d + ci[:, None], gram, mask=mask)
+
+
+@triton.jit
+def _site_stats_finalize_kernel(x_ptr, part_ptr, colsum_ptr, psi_ptr, mu_ptr,
+                                chunks, d, N, stride_c,
+                                BLOCK_D: tl.constexpr, ACC: tl.constexpr):
+    bi = tl.program_id(0)
+    bj = tl.program_id(1)
+    ci = bi * BLOCK_D + tl.arange(0, BLOCK_D)
+    cj = bj * BLOCK_D + tl.arange(0, BLOCK_D)
+    mi = ci < d
+    mj = cj < d
+    mask = mi[:, None] & mj[None, :]
+    gram = tl.zeros((BLOCK_D, BLOCK_D), dtype=ACC)
+    m_i = tl.zeros((BLOCK_D,), dtype=ACC)
+    m_j = tl.zeros((BLOCK_D,), dtype=ACC)
+    for c in range(0, chunks):
+        gram += tl.load(part_ptr + c * d * d + ci[:, None] * d + cj[None, :], mask=mask, other=0)
+        m_i += tl.load(colsum_ptr + c * d + ci, mask=mi, other=0)
+        m_j += tl.load(colsum_ptr + c * d + cj, mask=mj, other=0)
+    m_i = m_i / N
+    m_j = m_j / N
+    psi = gram / N - m_i[:, None] * m_j[None, :]
+    tl.store(psi_ptr + ci[:, None] * d + cj[None, :], psi, mask=mask)
+    if bi == bj:
+        shift = tl.load(x_ptr + ci * stride_c, mask=mi, other=0).to(ACC)
+        tl.store(mu_ptr + ci, shift + m_i, mask=mi)
+
+
+@triton.jit
+def _site_stats_bwd_kernel(x_ptr, mu_ptr, g_ptr, dmu_ptr, dpooled_ptr, dx_ptr,
+                           d, HW, N, stride_n, stride_c, stride_p, dx_stride_n, dx_stride_c, dx_stride_p,
+                           BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr,
+                           DOT_PRECISION: tl.constexpr):
+    s = tl.program_id(0)
+    rows = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
+    cj = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D)
+    mr = rows < HW
+    mj = cj < d
+    base = s.to(tl.int64) * stride_n
+    acc = tl.zeros((BLOCK_R, BLOCK_D), dtype=ACC)
+    for c0 in range(0, d, BLOCK_D):
+        ci = c0 + tl.arange(0, BLOCK_D)
+        mi = ci < d
+        mask_x = mr[:, None] & mi[None, :]
+        x = tl.load(x_ptr + base + rows[:, None] * stride_p + ci[None, :] * stride_c, mask=mask_x, other=0)
+        mu = tl.load(mu_ptr + ci, mask=mi, other=0)
+        xc = tl.where(mask_x, x.to(ACC) - mu[None, :], 0)
+        mask_g = mi[:, None] & mj[None, :]
+        g_sym = (tl.load(g_ptr + ci[:, None] * d + cj[None, :], mask=mask_g, other=0)
+                 + tl.load(g_ptr + cj[None, :] * d + ci[:, None], mask=mask_g, other=0))
+        acc = tl.dot(xc, g_sym, acc, input_precision=DOT_PRECISION)
+    dmu = tl.load(dmu_ptr + cj, mask=mj, other=0)
+    dpooled = tl.load(dpooled_ptr + s * d + cj, mask=mj, other=0)
+    dx = (acc + dmu[None, :]) / N + dpooled[None, :] / HW
+    out = dx_ptr + s.to(tl.int64) * dx_stride_n + rows[:, None] * dx_stride_p + cj[None, :] * dx_stride_c
+    tl.store(out, dx.to(dx_ptr.dtype.element_ty), mask=mr[:, None] & mj[None, :])
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def num_chunks(n: int, nb: int, device: torch.device) -> int:
+    """Sample chunks of the forward grid: enough programs to fill the GPU ~4 times over
+    (the partial Grams cost chunks·d² fp32 of extra traffic); one in the interpreter,
+    where every program instance costs time and nothing runs in parallel."""
+    if device.type != "cuda":
+        return 1
+    pairs = nb * (nb + 1) // 2
+    return max(1, min(n, triton.cdiv(4 * _sm_count(device.index or 0), pairs)))
+
+
+def _spatial_strides(feat: torch.Tensor) -> torch.Tensor:
+    """``feat`` itself when h and w merge into one stride (NCHW, channels_last), else a copy."""
+    _, _, h, w = feat.shape
+    if h == 1 or feat.stride(2) == w * feat.stride(3):
+        return feat
+    return feat.contiguous()
+
+
+def check_input(feat: torch.Tensor) -> None:
+    if feat.dim() != 4:
+        raise ValueError(f"site_stats expects a (n, d, h, w) feature map, got shape {tuple(feat.shape)}")
+    if feat.dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
+        raise ConfigError(f"site_stats (triton) takes fp32/fp16/bf16/fp64 features, got {feat.dtype}; cast them first")
+    if feat.numel() == 0:
+        raise ValueError(f"site_stats got an empty feature map of shape {tuple(feat.shape)}")
+    if feat.device.type != "cuda" and not interpreting():
+        raise ConfigError("the triton site_stats kernel runs on CUDA tensors, or on CPU with TRITON_INTERPRET=1")
+
+
+def site_stats_forward(feat: torch.Tensor, chunks: int | None = None):
+    """Launch the forward: feat (n,d,h,w) -> psi (d,d), mu (d,), pooled (n,d) in acc dtype."""
+    n, d, h, w = feat.shape
+    HW = h * w
+    cfg = config(feat.dtype, d)
+    nb = triton.cdiv(d, cfg["BLOCK_D"])
+    chunks = chunks or num_chunks(n, nb, feat.device)
+    per_chunk = triton.cdiv(n, chunks)
+    chunks = triton.cdiv(n, per_chunk)
+    dt = acc_dtype(feat.dtype)
+    part = torch.empty((chunks, d, d), dtype=dt, device=feat.device)
+    colsum = torch.empty((chunks, d), dtype=dt, device=feat.device)
+    pooled = torch.empty((n, d), dtype=dt, device=feat.device)
+    psi = torch.empty((d, d), dtype=dt, device=feat.device)
+    mu = torch.empty((d,), dtype=dt, device=feat.device)
+    sn, sc, _, sp = feat.stride()
+    _site_stats_fwd_kernel[(chunks, nb, nb)](feat, part, colsum, pooled, n, d, HW, sn, sc, sp, per_chunk,
+                                             num_warps=NUM_WARPS, **cfg)
+    _site_stats_finalize_kernel[(nb, nb)](feat, part, colsum, psi, mu, chunks, d, n * HW, sc,
+                                          BLOCK_D=cfg["BLOCK_D"], ACC=cfg["ACC"], num_warps=NUM_WARPS)
+    return psi, mu, pooled
+
+
+def site_stats_backward(feat, mu, dpsi, dmu, dpooled):
+    """dX of feat (n,d,h,w) given the output gradients; same layout and dtype as feat."""
+    n, d, h, w = feat.shape
+    HW = h * w
+    cfg = config(feat.dtype, d)
+    dt = mu.dtype
+    dpsi, dmu, dpooled = (t.to(dt).contiguous() for t in (dpsi, dmu, dpooled))
+    dx = torch.empty_like(feat)
+    sn, sc, _, sp = feat.stride()
+    dsn, dsc, _, dsp = dx.stride()  # empty_like keeps a dense layout, else gives NCHW
+    grid = (n, triton.cdiv(HW, cfg["BLOCK_R"]), triton.cdiv(d, cfg["BLOCK_D"]))
+    _site_stats_bwd_kernel[grid](feat, mu, dpsi, dmu, dpooled, dx, d, HW, n * HW, sn, sc, sp,
+                                 dsn, dsc, dsp, num_warps=NUM_WARPS, **cfg)
+    return dx
+
+
+class SiteStatsFunction(torch.autograd.Function):
+    """(psi, mu, pooled) of a feature map, differentiable to the feature map."""
+
+    @staticmethod
+    def forward(ctx, feat, chunks):
+        psi, mu, pooled = site_stats_forward(feat, chunks)
+        ctx.save_for_backward(feat, mu)
+        return psi, mu, pooled
+
+    @staticmethod
+    def backward(ctx, dpsi, dmu, dpooled):
+        feat, mu = ctx.saved_tensors
+        return site_stats_backward(feat, mu, dpsi, dmu, dpooled), None
+
+
+def site_stats(feat: torch.Tensor, chunks: int | None = None):
+    """Triton site statistics of feat (n,d,h,w): psi (d,d), mu (d,), pooled (n,d) in
+    ``acc_dtype(feat.dtype)``; ``chunks`` overrides the number of sample chunks (tests)."""
+    check_input(feat)
+    return SiteStatsFunction.apply(_spatial_strides(feat), chunks)

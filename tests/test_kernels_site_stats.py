@@ -1,0 +1,116 @@
+"""Triton site-statistics kernels (interpreter) against the float64 reference, forward and
+backward, fp32/fp16/bf16/fp64 inputs, NCHW and channels_last, awkward shapes."""
+import pytest
+import torch
+
+from unidd_fast import reference
+from unidd_fast.errors import ConfigError
+from unidd_fast.kernels.site_stats import site_stats
+
+# (n, d, h, w): d not a power of two, h·w not a multiple of the 32-row tile; d = 70 spans
+# two 64-channel blocks (off-diagonal Gram blocks, mirrored writes)
+SHAPES = [(3, 24, 5, 7), (2, 40, 3, 11), (2, 70, 3, 5)]
+LOW = (torch.float16, torch.bfloat16)
+
+
+def features(shape, gen, dtype=torch.float64, channels_last=False, offset=0.5):
+    x = offset + torch.randn(shape, generator=gen, dtype=torch.float64) * torch.rand(shape[1], 1, 1, generator=gen, dtype=torch.float64)
+    x = x.to(dtype)
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+
+
+def rel(got, want):
+    return ((got.double() - want).norm() / want.norm()).item()
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_forward_matches_float64_reference(shape, dtype, channels_last, gen):
+    feat = features(shape, gen, dtype, channels_last)
+    got = site_stats(feat, chunks=2)
+    want = reference.site_stats(feat.double())  # the same (rounded) values, in float64
+    for g, w in zip(got, want):
+        assert g.dtype == torch.float32 and g.shape == w.shape
+        # fp32 accumulation of a few hundred rows: ~1e-7 per term, a few 1e-7 in norm
+        assert rel(g, w) < 1e-5
+
+
+@pytest.mark.parametrize("chunks", [1, 2, 3])
+def test_float64_exact_for_any_chunking(chunks, gen):
+    feat = features((3, 70, 2, 5), gen)
+    got = site_stats(feat, chunks=chunks)
+    for g, w in zip(got, reference.site_stats(feat)):
+        assert g.dtype == torch.float64
+        torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-12)
+
+
+def test_bf16_features_psi_within_1e_2_of_float64(gen):
+    """The spec's bound: Ψ_s from bf16 feature maps vs float64 Ψ of the unrounded maps. The
+    bf16 rounding of the inputs (2^-9 relative) dominates; the kernel adds ~1e-7."""
+    feat = features((4, 40, 6, 6), gen)
+    psi, mu, _ = site_stats(feat.to(torch.bfloat16).contiguous(memory_format=torch.channels_last))
+    want_psi, want_mu, _ = reference.site_stats(feat)
+    assert rel(psi, want_psi) < 1e-2
+    assert rel(mu, want_mu) < 1e-2
+
+
+def test_large_mean_keeps_fp32_accuracy(gen):
+    """|μ| = 100σ: E[xxᵀ] − μμᵀ in fp32 would lose ~4 digits; the shifted Gram keeps fp32
+    accuracy up to the rounding of the inputs themselves (eps32·|μ|/σ ≈ 1e-5)."""
+    feat = features((3, 24, 4, 5), gen, offset=100.0)
+    psi, mu, _ = site_stats(feat.float())
+    want_psi, want_mu, _ = reference.site_stats(feat.float().double())
+    assert rel(psi, want_psi) < 1e-5
+    assert rel(mu, want_mu) < 1e-7
+
+
+def test_non_mergeable_strides_fall_back_to_a_copy(gen):
+    feat = features((2, 24, 5, 7), gen).transpose(2, 3)  # (n, d, 7, 5) with h-stride 1
+    for g, w in zip(site_stats(feat), reference.site_stats(feat)):
+        torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-12)
+
+
+def test_gradcheck_float64(gen):
+    feat = features((2, 3, 2, 3), gen).requires_grad_()
+    assert torch.autograd.gradcheck(lambda x: site_stats(x, chunks=2), (feat,))
+
+
+def _grads(fn, feat, weights):
+    feat = feat.detach().requires_grad_()
+    out = fn(feat)
+    (grad,) = torch.autograd.grad(sum((o * w).sum() for o, w in zip(out, weights)), feat)
+    return grad
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_backward_matches_reference_autograd(shape, dtype, channels_last, gen):
+    feat = features(shape, gen, dtype, channels_last)
+    n, d = shape[:2]
+    weights = [torch.randn(s, generator=gen, dtype=torch.float64) for s in ((d, d), (d,), (n, d))]
+    want = _grads(reference.site_stats, feat.double(), weights)
+    got = _grads(site_stats, feat, [w.to(reference.acc_dtype(dtype)) for w in weights])
+    assert got.dtype == dtype
+    assert got.is_contiguous(memory_format=torch.channels_last) == channels_last
+    # float64: exact; fp32: fp32 GEMM of d terms; bf16: the stored gradient is rounded to 2^-9
+    tol = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 8e-3}[dtype]
+    assert rel(got, want) < tol
+
+
+def test_backward_with_unused_outputs(gen):
+    """Only Ψ used (pooled and μ get no gradient): autograd passes zeros for them."""
+    feat = features((2, 24, 3, 5), gen).requires_grad_()
+    (got,) = torch.autograd.grad(site_stats(feat)[0].sum(), feat)
+    (want,) = torch.autograd.grad(reference.site_stats(feat)[0].sum(), feat)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+def test_bad_input_raises(gen):
+    with pytest.raises(ValueError, match="n, d, h, w"):
+        site_stats(torch.randn(3, 4, 5, generator=gen))
+    with pytest.raises(ConfigError, match="fp32/fp16/bf16/fp64"):
+        site_stats(torch.ones(2, 3, 4, 4, dtype=torch.int32))
+    with pytest.raises(ValueError, match="empty"):
+        site_stats(torch.randn(0, 3, 4, 4, generator=gen))
