@@ -211,10 +211,13 @@ class RealStats:
 
 @torch.no_grad()
 def collect_real_stats(model: nn.Module, loader, num_classes: int, sites="bn", device=None,
-                       show_progress: bool | None = None) -> RealStats:
+                       show_progress: bool | None = None, distributed: bool = False) -> RealStats:
     """Exact statistics of the whole ``loader`` (yielding (images, int labels)) at every site.
 
     The model runs in eval mode; its outputs give the soft-label FLC (teacher probabilities).
+    ``distributed=True`` (under torchrun, process group initialised): each rank reads its
+    shard of the DataLoader and the moments are merged exactly, so every rank returns the
+    statistics of the whole loader (see unidd_fast/distributed.py).
     """
     if num_classes < 1:
         raise ConfigError(f"num_classes must be >= 1, got {num_classes}")
@@ -229,6 +232,11 @@ def collect_real_stats(model: nn.Module, loader, num_classes: int, sites="bn", d
         pending[name] = site_stats(feat)
         shapes[name] = tuple(feat.shape[1:])
 
+    if distributed:
+        from . import distributed as dist_helpers
+
+        loader = dist_helpers.shard_loader(loader)
+        show_progress = show_progress if dist_helpers.info().is_main else False
     hooks = SiteHooks(model, sites, on_site)
     for name in hooks.names:
         acc[name] = MomentAccumulator()
@@ -252,6 +260,8 @@ def collect_real_stats(model: nn.Module, loader, num_classes: int, sites="bn", d
     finally:
         hooks.remove()
         model.train(was_training)
+    if distributed:
+        num_images = dist_helpers.merge_moments(acc, shapes, num_images, num_classes)
     if num_images == 0:
         raise ConfigError("the loader yielded no images")
     return RealStats({n: a.finalize(num_images) for n, a in acc.items()}, shapes,

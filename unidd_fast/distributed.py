@@ -1,0 +1,241 @@
+"""Several processes with ``torchrun``: process-group set-up, sharding, exact merges.
+
+Launch: ``torchrun --nproc_per_node=N ...`` (and ``--nnodes``/``--rdzv-endpoint`` across
+nodes). Backend: NCCL when the run's device is CUDA, gloo on CPU.
+
+- Statistics: each rank reads a disjoint shard (``ShardSampler``: no padding duplicates) and
+  the per-site moments (count, mean, centred second moment, label sums) are gathered and
+  folded with MomentAccumulator's Chan merge in rank order, so every rank ends with the same
+  RealStats as one process over all the data, to rounding.
+- Recover: class-batches are dealt round-robin (``shard_rounds``); after every round
+  ``merge_emu`` folds all ranks' finished batches into every rank's EMU mean, so each rank
+  matches against the running mean of all finished batches.
+"""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader, DistributedSampler, Sampler
+
+from .errors import ConfigError
+from .real_stats import MomentAccumulator
+
+__all__ = ["DistInfo", "ShardSampler", "barrier", "info", "init", "is_distributed", "merge_emu",
+           "merge_moments", "shard_loader", "shard_rounds", "shutdown"]
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    """Where this process stands: rank, world size, local rank (GPU index), device, backend."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    backend: str | None
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def launched_by_torchrun() -> bool:
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def is_distributed() -> bool:
+    """True inside an initialised process group of more than one process."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def info(device=None) -> DistInfo:
+    """This process's DistInfo (rank 0 of 1 outside a process group)."""
+    local = int(os.environ.get("LOCAL_RANK", 0))
+    if not (dist.is_available() and dist.is_initialized()):
+        return DistInfo(0, 1, 0, torch.device(device or "cpu"), None)
+    backend = dist.get_backend()
+    if device is None:
+        device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
+    return DistInfo(dist.get_rank(), dist.get_world_size(), local, torch.device(device), backend)
+
+
+def init(device: str | torch.device | None = None) -> DistInfo:
+    """Join the process group described by torchrun's environment (RANK, WORLD_SIZE,
+    LOCAL_RANK, MASTER_ADDR, MASTER_PORT); a no-op returning rank 0 of 1 when not launched
+    by torchrun, or when the group exists already.
+
+    device "cuda" (default when CUDA is available) uses NCCL on GPU LOCAL_RANK; "cpu" uses gloo.
+    """
+    if dist.is_available() and dist.is_initialized():
+        return info(device)
+    if not launched_by_torchrun():
+        return info(device)
+    if not dist.is_available():
+        raise ConfigError("this torch build has no torch.distributed; run one process without torchrun")
+    kind = torch.device(device).type if device is not None else ("cuda" if torch.cuda.is_available() else "cpu")
+    local = int(os.environ.get("LOCAL_RANK", 0))
+    if kind == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError("device cuda was asked for but CUDA is not available: pass --device cpu (gloo)")
+        if local >= torch.cuda.device_count():
+            raise ConfigError(f"LOCAL_RANK {local} but only {torch.cuda.device_count()} GPU(s): lower --nproc_per_node")
+        torch.cuda.set_device(local)
+        dist.init_process_group("nccl", device_id=torch.device("cuda", local))
+        return info(torch.device("cuda", local))
+    dist.init_process_group("gloo")
+    return info(torch.device("cpu"))
+
+
+def barrier() -> None:
+    if is_distributed():
+        dist.barrier()
+
+
+def shutdown() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def _comm_device() -> torch.device:
+    """Collectives run on the current GPU under NCCL, on the CPU under gloo."""
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
+def _gather(tensor: torch.Tensor) -> list[torch.Tensor]:
+    """all_gather of equal-shape tensors, returned on the tensor's device in rank order
+    (just ``[tensor]`` outside a process group)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return [tensor]
+    home = tensor.device
+    tensor = tensor.to(_comm_device()).contiguous()
+    out = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
+    dist.all_gather(out, tensor)
+    return [t.to(home) for t in out]
+
+
+# --- sharding ------------------------------------------------------------------------------
+
+class ShardSampler(Sampler[int]):
+    """Indices rank, rank + W, rank + 2W, ... of range(n): every index on exactly one rank and
+    no padding duplicates (DistributedSampler repeats indices to even out shards, which would
+    count those images twice in the statistics)."""
+
+    def __init__(self, length: int, rank: int, world_size: int):
+        if not 0 <= rank < world_size:
+            raise ConfigError(f"rank {rank} is outside [0, {world_size})")
+        self.length, self.rank, self.world_size = int(length), rank, world_size
+
+    def __iter__(self):
+        return iter(range(self.rank, self.length, self.world_size))
+
+    def __len__(self) -> int:
+        return len(range(self.rank, self.length, self.world_size))
+
+
+def shard_loader(loader, rank: int | None = None, world_size: int | None = None) -> DataLoader:
+    """This rank's shard of a DataLoader (a ShardSampler, same dataset, batch size, workers,
+    collate function), in the dataset's order. A loader already sharded by a ShardSampler or
+    DistributedSampler is returned as it is; other iterables cannot be split safely."""
+    if rank is None or world_size is None:
+        here = info()
+        rank, world_size = here.rank, here.world_size
+    if not isinstance(loader, DataLoader):
+        raise ConfigError(f"cannot shard a {type(loader).__name__} across ranks: pass a torch DataLoader "
+                          "(or shard the data yourself and merge with distributed.merge_moments)")
+    if isinstance(loader.sampler, (ShardSampler, DistributedSampler)):
+        return loader
+    if loader.batch_size is None:
+        raise ConfigError("cannot shard a DataLoader built with a batch_sampler: give it batch_size instead")
+    return DataLoader(loader.dataset, batch_size=loader.batch_size,
+                      sampler=ShardSampler(len(loader.dataset), rank, world_size),
+                      num_workers=loader.num_workers, collate_fn=loader.collate_fn,
+                      pin_memory=loader.pin_memory, drop_last=loader.drop_last,
+                      persistent_workers=loader.persistent_workers if loader.num_workers else False)
+
+
+def shard_rounds(n_items: int, rank: int | None = None, world_size: int | None = None) -> list[int | None]:
+    """Round-robin deal of ``n_items`` (class-batches): in round r this rank takes item
+    r·W + rank, or None once the items run out, so every rank runs the same number of rounds
+    (each ending in the collective ``merge_emu``) and the items' output files never collide."""
+    if rank is None or world_size is None:
+        here = info()
+        rank, world_size = here.rank, here.world_size
+    rounds = math.ceil(n_items / world_size)
+    return [i if (i := r * world_size + rank) < n_items else None for r in range(rounds)]
+
+
+# --- exact merges --------------------------------------------------------------------------
+
+def _pack(acc: MomentAccumulator, d: int, c: int, c_soft: int) -> torch.Tensor:
+    if acc.count == 0:
+        return torch.zeros(1 + d + d * d + d * c + d * c_soft, dtype=torch.float64)
+    parts = (acc.mean, acc.m2, acc.label_sum, acc.soft_sum)
+    return torch.cat([torch.tensor([float(acc.count)], dtype=torch.float64)]
+                     + [p.double().flatten().cpu() for p in parts])
+
+
+def _unpack(flat: torch.Tensor, d: int, c: int, c_soft: int) -> MomentAccumulator:
+    acc = MomentAccumulator()
+    acc.count = int(flat[0])
+    if acc.count:
+        sizes = (d, d * d, d * c, d * c_soft)
+        mean, m2, label_sum, soft_sum = flat[1:].split(sizes)
+        acc.mean, acc.m2 = mean.clone(), m2.reshape(d, d).clone()
+        acc.label_sum, acc.soft_sum = label_sum.reshape(d, c).clone(), soft_sum.reshape(d, c_soft).clone()
+    return acc
+
+
+def merge_moments(acc: dict[str, MomentAccumulator], shapes: dict[str, tuple], num_images: int,
+                  num_classes: int) -> int:
+    """Replace every rank's per-site accumulators by the merge of all ranks' (in rank order,
+    so every rank holds bit-identical results) and fill ``shapes`` for sites this rank never
+    saw (empty shard). Returns the total image count (0: nothing merged). Collective: every
+    rank must call it, with the same site names."""
+    total = int(sum(t.item() for t in _gather(torch.tensor([num_images], dtype=torch.int64))))
+    if total == 0:
+        return 0
+    names = list(acc)
+    meta = torch.zeros(len(names), 4, dtype=torch.int64)
+    for i, name in enumerate(names):
+        if acc[name].count:
+            meta[i] = torch.tensor([*shapes[name], acc[name].soft_sum.shape[1]])
+    meta = torch.stack(_gather(meta)).amax(0)  # any rank that saw data knows the shapes
+    for i, name in enumerate(names):
+        d, h, w, c_soft = (int(v) for v in meta[i])
+        shapes.setdefault(name, (d, h, w))
+        merged = MomentAccumulator()
+        for flat in _gather(_pack(acc[name], d, num_classes, c_soft)):
+            merged.merge(_unpack(flat, d, num_classes, c_soft))
+        acc[name] = merged
+    return total
+
+
+def merge_emu(cfm) -> None:
+    """End of a recover round under torchrun, on every rank in place of ``next_batch()``:
+    fold the finished class-batch of every rank that had one this round (in rank order) into
+    this rank's EMU mean, so all ranks hold the same running mean of all finished batches
+    and the same batch counter. ``cfm``: a CFMLoss, or the hooks of ``compat.sre2l``.
+    Collective: every rank calls it every round, with a batch or without (a None round)."""
+    engine = getattr(cfm, "cfm", cfm)
+    last = engine._last  # {width: (psi (k,d,d), signal (k,d,c))} of this rank's batch, detached
+    dtype = next(iter(last.values()))[0].dtype if last else torch.float64
+    flags = _gather(torch.tensor([float(bool(last)), float(dtype == torch.float64)], dtype=torch.float64))
+    per_rank = [{} for _ in flags]
+    for d in sorted(engine.groups):
+        U, _, sig_real = engine._real[d]
+        psi, sig = last.get(d, (torch.zeros(U.shape), torch.zeros(sig_real.shape)))
+        for r, (p, s) in enumerate(zip(_gather(psi.double()), _gather(sig.double()))):
+            per_rank[r][d] = (p.to(U.device), s.to(U.device))
+    for (has_batch, is_double), batch in zip(flags, per_rank):
+        if has_batch:
+            want = torch.float64 if is_double else torch.float32
+            engine._last = {d: (p.to(want), s.to(want)) for d, (p, s) in batch.items()}
+            engine.next_batch()
+    engine._last = {}
+    state = getattr(cfm, "state", None)
+    if state is not None:
+        state.tensors = engine.state_dict()
