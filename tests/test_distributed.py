@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from torch.utils.data import DataLoader
 
 import _dist_worker as w
 import unidd_fast as uf
