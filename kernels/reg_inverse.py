@@ -27,6 +27,8 @@ from unidd_fast.backend import interpreting
 from unidd_fast.errors import ConfigError
 from unidd_fast.reference import _RegularizedInverse, acc_dtype, check_cholesky_info
 
+from .launch import launch
+
 BLOCK = 32  # tile of the blocked factorisation; tl.dot needs >= 16
 NUM_WARPS = 4
 
@@ -204,9 +206,12 @@ def cholesky_inverse(A: torch.Tensor, beta, block: int = BLOCK):
     info = torch.empty((k,), dtype=torch.int32, device=A.device)
     beta_ptr, beta_hi, beta_lo, on_device = _beta_args(beta, A)
     cfg = config(A.dtype, on_device, block)
-    _chol_kernel[(k,)](A, beta_ptr, beta_hi, beta_lo, w, y, info, d, nb, *A.stride(), num_warps=NUM_WARPS, num_stages=1, **cfg)
-    _tril_inverse_kernel[(k, nb)](w, y, nb, B=block, DOT_PRECISION=cfg["DOT_PRECISION"], num_warps=NUM_WARPS, num_stages=1)
-    _gram_kernel[(k, nb, nb)](y, out, d, nb, B=block, DOT_PRECISION=cfg["DOT_PRECISION"], num_warps=NUM_WARPS)
+    # num_stages=1: no software pipelining of loads across the barriers of these loops
+    launch(_chol_kernel, (k,), A, beta_ptr, beta_hi, beta_lo, w, y, info, d, nb, *A.stride(),
+           num_warps=NUM_WARPS, num_stages=1, **cfg)
+    launch(_tril_inverse_kernel, (k, nb), w, y, nb, B=block, DOT_PRECISION=cfg["DOT_PRECISION"],
+           num_warps=NUM_WARPS, num_stages=1)
+    launch(_gram_kernel, (k, nb, nb), y, out, d, nb, B=block, DOT_PRECISION=cfg["DOT_PRECISION"], num_warps=NUM_WARPS)
     return out, info
 
 

@@ -28,6 +28,8 @@ from unidd_fast.backend import interpreting
 from unidd_fast.errors import ConfigError
 from unidd_fast.reference import acc_dtype
 
+from .launch import launch
+
 BLOCK_R = 32  # rows (pixels of one sample) per tile: the K dimension of the Gram tl.dot
 NUM_WARPS = 4
 
@@ -207,10 +209,10 @@ def site_stats_forward(feat: torch.Tensor, chunks: int | None = None):
     psi = torch.empty((d, d), dtype=dt, device=feat.device)
     mu = torch.empty((d,), dtype=dt, device=feat.device)
     sn, sc, _, sp = feat.stride()
-    _site_stats_fwd_kernel[(chunks, nb, nb)](feat, part, colsum, pooled, n, d, HW, sn, sc, sp, per_chunk,
-                                             num_warps=NUM_WARPS, **cfg)
-    _site_stats_finalize_kernel[(nb, nb)](feat, part, colsum, psi, mu, chunks, d, n * HW, sc,
-                                          BLOCK_D=cfg["BLOCK_D"], ACC=cfg["ACC"], num_warps=NUM_WARPS)
+    launch(_site_stats_fwd_kernel, (chunks, nb, nb), feat, part, colsum, pooled, n, d, HW, sn, sc, sp, per_chunk,
+           num_warps=NUM_WARPS, **cfg)
+    launch(_site_stats_finalize_kernel, (nb, nb), feat, part, colsum, psi, mu, chunks, d, n * HW, sc,
+           BLOCK_D=cfg["BLOCK_D"], ACC=cfg["ACC"], num_warps=NUM_WARPS)
     return psi, mu, pooled
 
 
@@ -225,8 +227,8 @@ def site_stats_backward(feat, mu, dpsi, dmu, dpooled):
     sn, sc, _, sp = feat.stride()
     dsn, dsc, _, dsp = dx.stride()  # empty_like keeps a dense layout, else gives NCHW
     grid = (n, triton.cdiv(HW, cfg["BLOCK_R"]), triton.cdiv(d, cfg["BLOCK_D"]))
-    _site_stats_bwd_kernel[grid](feat, mu, dpsi, dmu, dpooled, dx, d, HW, n * HW, sn, sc, sp,
-                                 dsn, dsc, dsp, num_warps=NUM_WARPS, **cfg)
+    launch(_site_stats_bwd_kernel, grid, feat, mu, dpsi, dmu, dpooled, dx, d, HW, n * HW, sn, sc, sp,
+           dsn, dsc, dsp, num_warps=NUM_WARPS, **cfg)
     return dx
 
 
