@@ -193,3 +193,11 @@ def test_errors(gen):
     model(x)
     with pytest.raises(NonFiniteError, match="'1'"):
         cfm(torch.arange(C))
+
+
+def test_refused_loss_leaves_no_hooks(gen):
+    model = tiny_convnet()
+    stats = real_stats(model, gen)
+    with pytest.raises(StatsMismatchError):
+        uf.CFMLoss(model, stats, sites=["0", "4"])
+    assert all(len(m._forward_pre_hooks) == 0 for m in model.modules())

@@ -54,14 +54,6 @@ class CFMLoss:
         self.schedule = schedule if filter == "cfm" else "constant"
         self.mtt = (mtt_alpha, mtt_steps)
         self.beta_t = beta
-        self.hooks = SiteHooks(model, sites, self._capture)
-        self.names = self.hooks.names
-        stats.validate(model=model, sites=self.names)
-        for name, module in self.hooks.sites:
-            width = site_width(module)
-            if width is not None and width != stats[name].dim:
-                raise StatsMismatchError(f"site {name!r} has {width} channels but its statistics have "
-                                         f"{stats[name].dim}: the statistics belong to another model")
         self.num_classes = stats.num_classes
         self.enabled = True
         self.step = 0
@@ -70,6 +62,23 @@ class CFMLoss:
         self._last: dict[int, tuple] = {}
         self._bar: dict[int, tuple] = {}
         self._real_cache: dict = {}
+        self.last = {}
+        self.hooks = SiteHooks(model, sites, self._capture)
+        self.names = self.hooks.names
+        try:
+            self._bind(model, stats)
+        except BaseException:
+            self.hooks.remove()  # a refused loss leaves the model as it was
+            raise
+
+    def _bind(self, model, stats) -> None:
+        """Check ``stats`` against the hooked sites and precompute the real side per width."""
+        stats.validate(model=model, sites=self.names)
+        for name, module in self.hooks.sites:
+            width = site_width(module)
+            if width is not None and width != stats[name].dim:
+                raise StatsMismatchError(f"site {name!r} has {width} channels but its statistics have "
+                                         f"{stats[name].dim}: the statistics belong to another model")
         self.groups: dict[int, list[str]] = {}
         for name in self.names:
             self.groups.setdefault(stats[name].dim, []).append(name)
@@ -80,12 +89,11 @@ class CFMLoss:
             sig = torch.stack([self._real_signal(stats[n]) for n in group]).to(device, torch.float64)
             if not bool(torch.isfinite(psi).all() & torch.isfinite(sig).all()):
                 raise StatsMismatchError(
-                    f"the real statistics of site(s) {group} hold NaN/Inf for signal {signal!r}; statistics "
+                    f"the real statistics of site(s) {group} hold NaN/Inf for signal {self.signal!r}; statistics "
                     "converted from BatchNorm buffers have no feature-label correlation: collect full "
                     "statistics with `unidd-fast stats`, or use signal='mean'")
             lam, U = torch.linalg.eigh(psi)
             self._real[d] = (U, lam, sig)
-        self.last = {}
 
     def _real_signal(self, s):
         return {"class": s.phi, "soft": s.phi_soft, "mean": s.mu[:, None]}[self.signal]
