@@ -1,0 +1,1 @@
+"""The squeeze → stats → recover → evaluate pipeline behind the ``unidd-fast`` command."""

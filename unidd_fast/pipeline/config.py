@@ -1,0 +1,288 @@
+"""Run configuration: per-dataset defaults (paper appendix Tables 2-4), overrides, JSON.
+
+A ``Config`` is a tree of dataclasses. Every field can be overridden from the command line
+with ``--set section.field=value`` (e.g. ``--set recover.lr=0.1``); the resolved config is
+written as ``config.json`` into every run directory, and ``--from DIR`` starts from it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..errors import ConfigError
+from ..real_stats import atomic_write
+
+DATASETS = ("digits", "cifar10", "cifar100", "tiny-imagenet", "imagenet", "folder")
+ARCHS = ("resnet18", "resnet50", "resnet101", "convnet")
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass
+class DataConfig:
+    dataset: str = "digits"
+    data: str = ""              # path of the dataset root (unused for digits)
+    image_size: int = 32        # side of the square images the teacher sees
+    channels: int = 3
+    mean: tuple = ()            # per-channel normalisation; () = computed from the data (digits)
+    std: tuple = ()
+    resize_ratio: float = 1.0   # ImageFolder: resize the short side to image_size·ratio, centre crop
+    test_size: float = 0.25     # digits: fraction held out (stratified) as the test set
+    split_seed: int = 0
+    workers: int = 2            # DataLoader workers for ImageFolder datasets
+
+
+@dataclass
+class ModelConfig:
+    arch: str = "resnet18"      # teacher (and default student) architecture
+    width: int = 128            # convnet channels
+    depth: int = 3              # convnet blocks
+
+
+@dataclass
+class SqueezeConfig:
+    epochs: int = 200
+    optimizer: str = "sgd"
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    batch_size: int = 128
+    scheduler: str = "cosine"   # cosine | step
+    step_epochs: int = 30       # step scheduler: ×0.1 every step_epochs
+    augment: str = "crop"       # crop: shift + flip; rrc: random resized crop + flip
+    crop_min: float = 0.08      # rrc: smallest crop area fraction
+
+
+@dataclass
+class RecoverConfig:
+    loss: str = "cfm"           # cfm | sre2l | none (init only: the random-real baseline)
+    init: str = ""              # real | noise; "" = real for cfm/none, noise for sre2l
+    iterations: int = 1000
+    lr: float = 0.25
+    betas: tuple = (0.5, 0.9)
+    batch_size: int = 10        # classes per class-batch (one image each)
+    beta: float = 0.1
+    beta_min: float = 1e-6
+    beta_per: str = "ipc"       # ipc: t = ipc index (release); batch: t = class-batch index (paper)
+    eta: float = 0.1
+    signal: str = "class"
+    sites: str = "bn"
+    filter: str = "cfm"
+    emu: bool = True
+    r_bn: float = 0.01          # sre2l: weight of the BN matching term
+    first_bn_multiplier: float = 10.0
+    crop_min: float = 0.08      # augmentation of the synthetic batch: smallest crop area fraction
+    shift: float = 0.125        # ... largest translation, fraction of the image side
+    image_format: str = "png"   # png (lossless) | jpg
+    backend: str = "auto"
+
+
+@dataclass
+class EvalConfig:
+    epochs: int = 1000
+    optimizer: str = "adamw"    # adamw | sgd
+    lr: float = 1e-3
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    batch_size: int = 64
+    temperature: float = 30.0
+    cutmix: float = 0.0         # probability of CutMix per batch
+    augment: str = "crop"
+    crop_min: float = 0.08
+    arch: str = ""              # student architecture; "" = the teacher's
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    squeeze: SqueezeConfig = field(default_factory=SqueezeConfig)
+    recover: RecoverConfig = field(default_factory=RecoverConfig)
+    evaluate: EvalConfig = field(default_factory=EvalConfig)
+    ipc: list = field(default_factory=lambda: [10])
+    seeds: list = field(default_factory=lambda: [0])
+    device: str = "auto"
+    threads: int = 0            # CPU threads of torch; 0 = torch's default. Small models run
+                                # fastest on one thread, and far faster when cores are shared.
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def write(self, path) -> None:
+        text = json.dumps(self.to_dict(), indent=2)
+        atomic_write(Path(path), lambda tmp: Path(tmp).write_text(text + "\n"))
+
+
+# Paper appendix: Table 2 (squeeze), Table 3 (recover), Table 4 (validation). Digits is ours:
+# sized so that `unidd-fast distill` runs on two CPU cores in minutes.
+_CIFAR_SQUEEZE = dict(epochs=200, lr=0.1, weight_decay=5e-4, batch_size=128, scheduler="cosine", augment="crop")
+_CIFAR_RECOVER = dict(beta=0.1, iterations=1000, lr=0.25, batch_size=10, crop_min=0.5)
+DEFAULTS: dict[str, dict] = {
+    "digits": {
+        "data": dict(image_size=16, channels=1),
+        "model": dict(arch="convnet", width=32, depth=3),
+        "squeeze": dict(epochs=15, optimizer="sgd", lr=0.05, weight_decay=5e-4, batch_size=64,
+                        scheduler="cosine", augment="crop"),
+        "recover": dict(beta=0.1, iterations=300, lr=0.1, batch_size=10, crop_min=0.5, shift=0.125),
+        "evaluate": dict(epochs=300, optimizer="adamw", lr=3e-3, weight_decay=5e-4, batch_size=50,
+                         temperature=4.0, augment="crop"),
+        "ipc": [1, 10],
+        "seeds": [0, 1],
+        "device": "cpu",
+        "threads": 1,
+    },
+    "cifar10": {
+        "data": dict(image_size=32, channels=3, mean=(0.4914, 0.4822, 0.4465), std=(0.2470, 0.2435, 0.2616)),
+        "squeeze": _CIFAR_SQUEEZE,
+        "recover": _CIFAR_RECOVER,
+        "evaluate": dict(epochs=1000, optimizer="adamw", lr=1e-3, weight_decay=5e-4, batch_size=64,
+                         temperature=30.0, augment="crop"),
+    },
+    "cifar100": {
+        "data": dict(image_size=32, channels=3, mean=(0.5071, 0.4865, 0.4409), std=(0.2673, 0.2564, 0.2762)),
+        "squeeze": dict(_CIFAR_SQUEEZE, epochs=100),
+        "recover": dict(_CIFAR_RECOVER, batch_size=100),
+        "evaluate": dict(epochs=1000, optimizer="sgd", lr=0.1, momentum=0.9, weight_decay=5e-4, batch_size=64,
+                         temperature=30.0, augment="crop"),
+    },
+    "tiny-imagenet": {
+        "data": dict(image_size=64, channels=3, mean=IMAGENET_MEAN, std=IMAGENET_STD),
+        "squeeze": dict(epochs=50, lr=0.2, weight_decay=1e-4, batch_size=256, scheduler="cosine", augment="rrc"),
+        "recover": dict(beta=1.0, iterations=1000, lr=0.1, batch_size=200),
+        "evaluate": dict(epochs=100, optimizer="sgd", lr=0.2, momentum=0.9, weight_decay=1e-4, batch_size=64,
+                         temperature=20.0, augment="rrc"),
+    },
+    "imagenet": {
+        "data": dict(image_size=224, channels=3, mean=IMAGENET_MEAN, std=IMAGENET_STD, resize_ratio=256 / 224),
+        "squeeze": dict(epochs=90, lr=0.1, weight_decay=1e-4, batch_size=256, scheduler="step", step_epochs=30,
+                        augment="rrc"),
+        "recover": dict(beta=0.1, iterations=1000, lr=0.1, batch_size=500),
+        "evaluate": dict(epochs=300, optimizer="adamw", lr=1e-3, weight_decay=1e-4, batch_size=128,
+                         temperature=20.0, augment="rrc"),
+    },
+    "folder": {
+        "data": dict(image_size=64, channels=3, mean=IMAGENET_MEAN, std=IMAGENET_STD),
+        "squeeze": dict(epochs=50, lr=0.2, weight_decay=1e-4, batch_size=256, scheduler="cosine", augment="rrc"),
+        "recover": dict(beta=1.0, iterations=1000, lr=0.1, batch_size=100),
+        "evaluate": dict(epochs=100, optimizer="sgd", lr=0.2, momentum=0.9, weight_decay=1e-4, batch_size=64,
+                         temperature=20.0, augment="rrc"),
+    },
+}
+
+CHOICES = {
+    "data.dataset": DATASETS,
+    "model.arch": ARCHS,
+    "squeeze.optimizer": ("sgd", "adamw"),
+    "squeeze.scheduler": ("cosine", "step"),
+    "squeeze.augment": ("crop", "rrc"),
+    "recover.loss": ("cfm", "sre2l", "none"),
+    "recover.init": ("", "real", "noise"),
+    "recover.beta_per": ("ipc", "batch"),
+    "recover.signal": ("class", "mean", "soft"),
+    "recover.filter": ("cfm", "krr", "lowpass", "allpass", "mtt"),
+    "recover.image_format": ("png", "jpg"),
+    "evaluate.optimizer": ("adamw", "sgd"),
+    "evaluate.augment": ("crop", "rrc"),
+    "evaluate.arch": ("",) + ARCHS,
+    "device": ("auto", "cpu", "cuda"),
+}
+
+
+def keys(cfg: Config | None = None) -> list[str]:
+    """Every overridable key, ``section.field`` or a top-level name."""
+    cfg = cfg or Config()
+    out = []
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value):
+            out += [f"{f.name}.{g.name}" for g in dataclasses.fields(value)]
+        else:
+            out.append(f.name)
+    return out
+
+
+def _coerce(key: str, template, value):
+    """Convert ``value`` (a string from the command line, or a JSON value) to the type of
+    ``template`` (the field's current value)."""
+    try:
+        if isinstance(template, bool):
+            if isinstance(value, str):
+                if value.lower() not in ("1", "0", "true", "false", "yes", "no"):
+                    raise ValueError(value)
+                return value.lower() in ("1", "true", "yes")
+            return bool(value)
+        if isinstance(template, int):
+            return int(value)
+        if isinstance(template, float):
+            return float(value)
+        if isinstance(template, (tuple, list)):
+            items = value.split(",") if isinstance(value, str) else list(value)
+            items = [s for s in items if s != ""]
+            kind = float if key.endswith(("mean", "std", "betas")) else int
+            out = [kind(s) for s in items]
+            return tuple(out) if isinstance(template, tuple) else out
+        return str(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{key}={value!r}: expected a value like {template!r}") from None
+
+
+def set_value(cfg: Config, key: str, value) -> None:
+    """Set ``section.field`` (or a top-level field) from a string or JSON value, type-checked."""
+    if key not in keys(cfg):
+        raise ConfigError(f"unknown config key {key!r}; valid keys: {', '.join(keys(cfg))}")
+    owner, name = (cfg, key) if "." not in key else (getattr(cfg, key.split(".")[0]), key.split(".")[1])
+    new = _coerce(key, getattr(owner, name), value)
+    if key in CHOICES and new not in CHOICES[key]:
+        raise ConfigError(f"{key}={new!r}: choose one of {CHOICES[key]}")
+    setattr(owner, name, new)
+
+
+def defaults(dataset: str) -> Config:
+    """The configuration of ``dataset`` before any override."""
+    if dataset not in DATASETS:
+        raise ConfigError(f"unknown dataset {dataset!r}; choose one of {DATASETS}")
+    cfg = Config()
+    cfg.data.dataset = dataset
+    preset = DEFAULTS[dataset]
+    for section, values in preset.items():
+        if isinstance(values, dict):
+            for name, value in values.items():
+                set_value(cfg, f"{section}.{name}", value)
+        else:
+            set_value(cfg, section, values)
+    return cfg
+
+
+def from_dict(raw: dict) -> Config:
+    """Rebuild a Config from ``to_dict()`` output (a config.json), starting from the
+    dataset's defaults so that keys added since the file was written get their default."""
+    cfg = defaults(raw.get("data", {}).get("dataset", "digits"))
+    for key in keys(cfg):
+        section, _, name = key.partition(".")
+        source = raw.get(section, {}) if name else raw
+        field_name = name or section
+        if isinstance(source, dict) and field_name in source:
+            set_value(cfg, key, source[field_name])
+    return cfg
+
+
+def load(path) -> Config:
+    path = Path(path)
+    try:
+        raw = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path} does not exist: --from expects a run directory written by unidd-fast") from None
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{path} is not valid JSON ({exc}); rerun the stage that wrote it") from None
+    return from_dict(raw)
+
+
+def parse_assignment(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"--set expects key=value (e.g. recover.lr=0.1), got {text!r}")
+    return key.strip(), value.strip()
+

@@ -1,0 +1,321 @@
+"""Dataset readers. Nothing is downloaded: each reader takes data the user already has.
+
+Every reader returns a ``Data`` whose ``train`` and ``test`` yield (image, label) with the
+image a normalised float32 tensor (C, H, W) of side ``image_size`` and *no* random
+augmentation: training augmentation is applied to whole batches on the device
+(``augment.py``), so squeeze, recover and evaluate share one GPU-friendly path.
+
+- digits: scikit-learn's handwritten digits (8×8, shipped with scikit-learn), stratified
+  train/test split, bilinearly upsampled to ``image_size``.
+- cifar10 / cifar100: torchvision's on-disk format (``cifar-10-batches-py/``,
+  ``cifar-100-python/``), read with a restricted unpickler that only rebuilds numpy arrays.
+- tiny-imagenet: ``tiny-imagenet-200/{train,val}``; val either as released (``val/images`` +
+  ``val/val_annotations.txt``) or already sorted into class folders.
+- imagenet / folder: torchvision ImageFolder trees ``train/<class>/*`` and ``val/<class>/*``
+  (folder also accepts ``test/``).
+"""
+from __future__ import annotations
+
+import functools
+import pickle
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+from torchvision import datasets as tvd
+from torchvision import transforms as T
+
+from ..errors import ConfigError
+from .config import DataConfig
+
+
+@dataclass
+class Data:
+    """A dataset ready for the pipeline. ``train_labels`` (N,) int64 are the train labels in
+    order (used to pick real images per class without reading any image)."""
+
+    name: str
+    train: Dataset
+    test: Dataset
+    train_labels: torch.Tensor
+    classes: list
+    image_size: int
+    channels: int
+    mean: tuple
+    std: tuple
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def train_images(self, index: torch.Tensor) -> torch.Tensor:
+        """Normalised training images (k, C, H, W) float32 at positions ``index`` (k,)."""
+        if isinstance(self.train, TensorImages):
+            return self.train.batch(index)[0]
+        return torch.stack([self.train[int(i)][0] for i in index])
+
+
+class TensorImages(Dataset):
+    """Images held in memory: uint8 (0..255) or float (0..1) tensor (N, C, h, w) and labels
+    (N,). Items and batches come out resized to ``size`` and normalised, float32."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, mean, std, size: int):
+        if images.dim() != 4 or images.shape[0] != labels.shape[0]:
+            raise ValueError(f"expected images (N,C,H,W) and labels (N,), got {tuple(images.shape)}, {tuple(labels.shape)}")
+        self.images, self.labels, self.size = images, labels.long(), int(size)
+        self.mean = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    def batch(self, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = self.images[index]
+        x = x.float().div_(255) if x.dtype == torch.uint8 else x.float()
+        if x.shape[-1] != self.size or x.shape[-2] != self.size:
+            x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", align_corners=False, antialias=True)
+        return (x - self.mean) / self.std, self.labels[index]
+
+    def __getitem__(self, i: int):
+        x, y = self.batch(torch.tensor([i]))
+        return x[0], int(y[0])
+
+
+class ImageList(Dataset):
+    """(path, label) pairs read with a torchvision transform (Tiny-ImageNet's val split)."""
+
+    def __init__(self, samples: list[tuple[str, int]], transform, loader):
+        self.samples, self.transform, self.loader = samples, transform, loader
+        self.targets = [label for _, label in samples]
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int):
+        path, label = self.samples[i]
+        return self.transform(self.loader(path)), label
+
+
+class Batches:
+    """Re-iterable (images, labels) batches on ``device``; each pass reshuffles with
+    ``generator`` when ``shuffle``. In-memory datasets are sliced a whole batch at a time;
+    others go through a DataLoader with ``workers`` processes."""
+
+    def __init__(self, dataset: Dataset, batch_size: int, shuffle: bool = False,
+                 generator: torch.Generator | None = None, device="cpu", drop_last: bool = False, workers: int = 0):
+        if len(dataset) == 0:
+            raise ConfigError("the dataset is empty")
+        self.dataset, self.shuffle, self.generator = dataset, shuffle, generator
+        self.batch_size = min(int(batch_size), len(dataset))
+        self.device, self.drop_last, self.workers = torch.device(device), drop_last, workers
+
+    def __len__(self) -> int:
+        n = len(self.dataset)
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+    def __iter__(self):
+        device = self.device
+        if isinstance(self.dataset, TensorImages):
+            n = len(self.dataset)
+            order = torch.randperm(n, generator=self.generator) if self.shuffle else torch.arange(n)
+            for index in order.split(self.batch_size):
+                if self.drop_last and index.numel() < self.batch_size:
+                    break
+                x, y = self.dataset.batch(index)
+                yield x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            return
+        loader = DataLoader(self.dataset, batch_size=self.batch_size, shuffle=self.shuffle, generator=self.generator,
+                            drop_last=self.drop_last, num_workers=self.workers, pin_memory=device.type == "cuda")
+        for x, y in loader:
+            yield x.to(device, non_blocking=True), torch.as_tensor(y).to(device, non_blocking=True)
+
+
+# --- digits -----------------------------------------------------------------------------
+
+def load_digits(cfg: DataConfig) -> Data:
+    from sklearn.datasets import load_digits as sk_digits
+    from sklearn.model_selection import train_test_split
+
+    raw = sk_digits()
+    x = torch.from_numpy(raw.images).float().div_(16).unsqueeze(1)  # (1797, 1, 8, 8) in [0, 1]
+    y = torch.from_numpy(raw.target).long()
+    train_idx, test_idx = train_test_split(np.arange(len(y)), test_size=cfg.test_size, stratify=raw.target,
+                                           random_state=cfg.split_seed)
+    x = F.interpolate(x, size=(cfg.image_size, cfg.image_size), mode="bilinear", align_corners=False).clamp_(0, 1)
+    if cfg.channels == 3:
+        x = x.expand(-1, 3, -1, -1).contiguous()
+    elif cfg.channels != 1:
+        raise ConfigError(f"digits has 1 or 3 channels, got data.channels={cfg.channels}")
+    train_idx, test_idx = torch.from_numpy(train_idx), torch.from_numpy(test_idx)
+    mean = tuple(cfg.mean) or tuple(x[train_idx].mean((0, 2, 3)).tolist())
+    std = tuple(cfg.std) or tuple(x[train_idx].std((0, 2, 3)).tolist())
+    size = cfg.image_size
+    return Data("digits", TensorImages(x[train_idx], y[train_idx], mean, std, size),
+                TensorImages(x[test_idx], y[test_idx], mean, std, size), y[train_idx],
+                [str(c) for c in range(10)], size, cfg.channels, mean, std)
+
+
+# --- CIFAR ------------------------------------------------------------------------------
+
+class _ArrayUnpickler(pickle.Unpickler):
+    """Unpickler for CIFAR's python batches: rebuilds numpy arrays, lists, dicts, str, bytes;
+    refuses every other global, so a hostile file cannot run code."""
+
+    ALLOWED = {
+        ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
+        ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),
+        ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode"),
+    }
+
+    def find_class(self, module, name):
+        if (module, name) in self.ALLOWED:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refusing to load {module}.{name}: not part of a CIFAR batch file")
+
+
+def _read_cifar_file(path: Path) -> dict:
+    try:
+        with open(path, "rb") as handle:
+            entry = _ArrayUnpickler(handle, encoding="latin1").load()
+    except Exception as exc:
+        raise ConfigError(f"{path} is not a readable CIFAR batch ({exc}); re-extract the CIFAR archive") from exc
+    if not isinstance(entry, dict) or "data" not in entry:
+        raise ConfigError(f"{path} is not a CIFAR batch (no 'data' entry)")
+    return entry
+
+
+def load_cifar(cfg: DataConfig) -> Data:
+    cls = tvd.CIFAR10 if cfg.dataset == "cifar10" else tvd.CIFAR100
+    root = Path(cfg.data).expanduser()
+    folder = root if root.name == cls.base_folder else root / cls.base_folder
+    names = [n for n, _ in cls.train_list + cls.test_list] + [cls.meta["filename"]]
+    missing = [n for n in names if not (folder / n).is_file()]
+    if missing:
+        raise ConfigError(
+            f"{cfg.dataset}: {folder} lacks {missing}. --data must be the directory holding {cls.base_folder}/ "
+            f"with {names} (torchvision's CIFAR layout, the extracted {cls.filename}); nothing is downloaded")
+
+    def read(split):
+        data, labels = [], []
+        for name, _ in split:
+            entry = _read_cifar_file(folder / name)
+            data.append(np.asarray(entry["data"], dtype=np.uint8))
+            labels += list(entry["labels"] if "labels" in entry else entry["fine_labels"])
+        images = torch.from_numpy(np.vstack(data).reshape(-1, 3, 32, 32))
+        return images, torch.tensor(labels, dtype=torch.long)
+
+    classes = list(_read_cifar_file(folder / cls.meta["filename"])[cls.meta["key"]])
+    (xtr, ytr), (xte, yte) = read(cls.train_list), read(cls.test_list)
+    if cfg.channels != 3:
+        raise ConfigError(f"{cfg.dataset} images have 3 channels, got data.channels={cfg.channels}")
+    if int(max(ytr.max(), yte.max())) >= len(classes):
+        raise ConfigError(f"{folder}: labels exceed the {len(classes)} class names of {cls.meta['filename']}")
+    size, mean, std = cfg.image_size, tuple(cfg.mean), tuple(cfg.std)
+    return Data(cfg.dataset, TensorImages(xtr, ytr, mean, std, size), TensorImages(xte, yte, mean, std, size),
+                ytr, classes, size, 3, mean, std)
+
+
+# --- ImageFolder trees ------------------------------------------------------------------
+
+def _open_image(path: str, mode: str) -> Image.Image:
+    with open(path, "rb") as handle:
+        return Image.open(handle).convert(mode)
+
+
+def image_loader(channels: int):
+    return functools.partial(_open_image, mode="L" if channels == 1 else "RGB")
+
+
+def eval_transform(cfg: DataConfig):
+    """Resize the short side to image_size·resize_ratio, centre crop, tensor, normalise."""
+    size = cfg.image_size
+    return T.Compose([T.Resize(round(size * cfg.resize_ratio), antialias=True), T.CenterCrop(size), T.ToTensor(),
+                      T.Normalize(cfg.mean, cfg.std)])
+
+
+def _image_folder(path: Path, cfg: DataConfig, what: str) -> tvd.ImageFolder:
+    if not path.is_dir():
+        raise ConfigError(f"{cfg.dataset}: {path} does not exist; expected {what}")
+    try:
+        return tvd.ImageFolder(str(path), transform=eval_transform(cfg), loader=image_loader(cfg.channels))
+    except FileNotFoundError as exc:
+        raise ConfigError(f"{cfg.dataset}: {path} has no class folders with images ({exc}); expected {what}") from None
+
+
+def _folder_data(cfg: DataConfig, train: tvd.ImageFolder, test: Dataset) -> Data:
+    return Data(cfg.dataset, train, test, torch.tensor(train.targets, dtype=torch.long), list(train.classes),
+                cfg.image_size, cfg.channels, tuple(cfg.mean), tuple(cfg.std))
+
+
+def _check_same_classes(cfg: DataConfig, train: tvd.ImageFolder, test: tvd.ImageFolder) -> None:
+    if train.classes != test.classes:
+        only = sorted(set(train.classes) ^ set(test.classes))[:5]
+        raise ConfigError(f"{cfg.dataset}: train/ and {Path(test.root).name}/ have different class folders "
+                          f"(e.g. {only}); both need one folder per class with the same names")
+
+
+def load_tiny_imagenet(cfg: DataConfig) -> Data:
+    root = Path(cfg.data).expanduser()
+    if not (root / "train").is_dir() and (root / "tiny-imagenet-200").is_dir():
+        root = root / "tiny-imagenet-200"
+    layout = "tiny-imagenet-200/ with train/<wnid>/images/*.JPEG and val/ (val/images + val/val_annotations.txt)"
+    train = _image_folder(root / "train", cfg, layout)
+    annotations = root / "val" / "val_annotations.txt"
+    if annotations.is_file():
+        samples = []
+        for lineno, line in enumerate(annotations.read_text().splitlines(), 1):
+            if not line.strip():
+                continue
+            parts = line.split("\t")
+            if len(parts) < 2 or parts[1] not in train.class_to_idx:
+                raise ConfigError(f"{annotations}:{lineno}: expected '<file>\\t<wnid>\\t...' with a wnid "
+                                  f"of train/, got {line[:80]!r}")
+            image = root / "val" / "images" / parts[0]
+            if not image.is_file():
+                raise ConfigError(f"{annotations}:{lineno} names {image}, which does not exist")
+            samples.append((str(image), train.class_to_idx[parts[1]]))
+        test = ImageList(samples, eval_transform(cfg), image_loader(cfg.channels))
+    else:
+        test = _image_folder(root / "val", cfg, layout)
+        _check_same_classes(cfg, train, test)
+    return _folder_data(cfg, train, test)
+
+
+def load_image_folders(cfg: DataConfig) -> Data:
+    root = Path(cfg.data).expanduser()
+    layout = "a directory with train/<class>/<image> and val/<class>/<image>" + (
+        " (or test/)" if cfg.dataset == "folder" else "")
+    if not root.is_dir():
+        raise ConfigError(f"{cfg.dataset}: --data {root} does not exist; expected {layout}")
+    train = _image_folder(root / "train", cfg, layout)
+    split = "val" if (root / "val").is_dir() or cfg.dataset != "folder" else "test"
+    test = _image_folder(root / split, cfg, layout)
+    _check_same_classes(cfg, train, test)
+    return _folder_data(cfg, train, test)
+
+
+def load_data(cfg: DataConfig) -> Data:
+    """Read the dataset named by ``cfg.dataset`` from ``cfg.data``."""
+    if cfg.dataset != "digits" and not cfg.data:
+        raise ConfigError(f"--dataset {cfg.dataset} needs --data PATH (the dataset's root directory)")
+    if cfg.dataset != "digits" and (len(cfg.mean) != cfg.channels or len(cfg.std) != cfg.channels):
+        raise ConfigError(f"data.mean/std need {cfg.channels} values each (one per channel), got "
+                          f"{cfg.mean} / {cfg.std}")
+    readers = {"digits": load_digits, "cifar10": load_cifar, "cifar100": load_cifar,
+               "tiny-imagenet": load_tiny_imagenet, "imagenet": load_image_folders, "folder": load_image_folders}
+    if cfg.dataset not in readers:
+        raise ConfigError(f"unknown dataset {cfg.dataset!r}; choose one of {tuple(readers)}")
+    return readers[cfg.dataset](cfg)
+
+
+def prepare_data(cfg) -> Data:
+    """Load ``cfg.data`` and record the normalisation actually used back into it (digits
+    computes its mean/std from the train split), so config.json states it."""
+    data = load_data(cfg.data)
+    cfg.data.mean, cfg.data.std = tuple(data.mean), tuple(data.std)
+    return data
