@@ -1,0 +1,267 @@
+"""Recover: synthesise the distilled set class-batch by class-batch (paper Algorithm 1).
+
+Three layers, so that later work can reuse each one:
+
+- ``recover_step``: one iteration on one class-batch (augment → forward → CE + regulariser
+  → backward → Adam step → clip to the valid pixel range). No host synchronisation, no
+  hidden state: randomness comes from the ``generator`` argument.
+- ``recover_class_batch``: fresh Adam (betas (0.5, 0.9)) and a cosine learning rate over
+  ``iterations`` steps, starting from the given initial images.
+- ``recover_set``: the class-batches of one distilled set in order, ipc by ipc; sets β_t
+  before each and folds it into the EMU (``next_batch``) after it, across the whole run;
+  hands each finished class-batch to ``on_batch`` (which writes it at once).
+
+A regulariser is called as ``reg(targets)`` after ``model(x)`` and has ``set_curriculum``,
+``next_batch`` and ``remove`` (CFMLoss, or BNMatchLoss for the SRe2L baseline).
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from ..errors import ConfigError
+from ..loss import CFMLoss
+from ..progress import progress
+from ..real_stats import RealStats, atomic_write
+from .augment import Augment, make_augment
+from .config import Config, RecoverConfig
+from .datasets import Data, prepare_data
+from .models import load_teacher
+from .rundir import RunDir
+from .train import lr_at, make_generator, setup_device, set_lr
+
+DISTILLED_FILE = "distilled.safetensors"
+
+
+@dataclass(frozen=True)
+class ClassBatch:
+    """One class-batch: image number ``ipc_index`` of each class in ``classes`` (k,)."""
+
+    index: int        # position in the run, 0-based (EMU's b − 1)
+    ipc_index: int
+    classes: torch.Tensor
+
+
+def plan_class_batches(num_classes: int, ipc: int, batch_size: int) -> list[ClassBatch]:
+    """Class-batches in run order: for each ipc index, the classes in chunks of ``batch_size``."""
+    if ipc < 1 or batch_size < 1:
+        raise ConfigError(f"ipc and recover.batch_size must be >= 1, got {ipc} and {batch_size}")
+    chunks = torch.arange(num_classes).split(batch_size)
+    return [ClassBatch(i * len(chunks) + k, i, chunk) for i in range(ipc) for k, chunk in enumerate(chunks)]
+
+
+def curriculum(cb: ClassBatch, num_batches: int, ipc: int, beta_per: str) -> tuple[int, int]:
+    """(t, T) of the β schedule: ipc index of ipc (release default) or class-batch of all."""
+    return (cb.ipc_index, ipc) if beta_per == "ipc" else (cb.index, num_batches)
+
+
+def pick_real(train_labels: torch.Tensor, num_classes: int, ipc: int, generator: torch.Generator) -> torch.Tensor:
+    """(ipc, num_classes) indices of distinct random training images of each class."""
+    picks = []
+    for c in range(num_classes):
+        members = torch.nonzero(train_labels == c).flatten()
+        if members.numel() < ipc:
+            raise ConfigError(f"class {c} has {members.numel()} training images, fewer than ipc={ipc}")
+        picks.append(members[torch.randperm(members.numel(), generator=generator)[:ipc]])
+    return torch.stack(picks, 1)
+
+
+def make_regularizer(rc: RecoverConfig, model: nn.Module, stats: RealStats | None):
+    """CFMLoss for loss="cfm", BNMatchLoss for "sre2l", None for "none"."""
+    if rc.loss == "cfm":
+        return CFMLoss(model, stats, beta=rc.beta, eta=rc.eta, signal=rc.signal, emu=rc.emu, sites=rc.sites,
+                       filter=rc.filter, beta_min=rc.beta_min, backend=rc.backend)
+    if rc.loss == "sre2l":
+        from .sre2l_loss import BNMatchLoss
+
+        return BNMatchLoss(model, rc.r_bn, rc.first_bn_multiplier)
+    return None
+
+
+def pixel_bounds(mean, std, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(lo, hi), each (1, C, 1, 1): the normalised values of pixel 0 and pixel 1."""
+    mean = torch.tensor(mean, dtype=torch.float32, device=device).view(1, -1, 1, 1)
+    std = torch.tensor(std, dtype=torch.float32, device=device).view(1, -1, 1, 1)
+    return -mean / std, (1 - mean) / std
+
+
+def recover_step(images: torch.Tensor, targets: torch.Tensor, model: nn.Module, regularizer,
+                 optimizer: torch.optim.Optimizer, augment: Augment, generator: torch.Generator | None,
+                 lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One update of ``images`` (k, C, H, W), a leaf the optimizer owns, toward class ids
+    ``targets`` (k,). Returns the detached (CE, regulariser) values as device tensors."""
+    optimizer.zero_grad(set_to_none=True)
+    logits = model(augment(images, generator))
+    ce = F.cross_entropy(logits, targets)
+    if regularizer is None:
+        reg = torch.zeros((), device=images.device)
+    else:
+        # signal="soft" matches FLCs built from the teacher's probabilities of this batch
+        soft = getattr(regularizer, "signal", None) == "soft"
+        reg = regularizer(torch.softmax(logits.detach().float(), 1) if soft else targets)
+    (ce + reg).backward()
+    optimizer.step()
+    with torch.no_grad():
+        images.copy_(torch.maximum(torch.minimum(images, hi), lo))
+    return ce.detach(), reg.detach()
+
+
+def recover_class_batch(init: torch.Tensor, targets: torch.Tensor, model: nn.Module, regularizer,
+                        rc: RecoverConfig, augment: Augment, generator: torch.Generator | None,
+                        lo: torch.Tensor, hi: torch.Tensor, desc: str = "iterations"):
+    """Optimise one class-batch from ``init`` for ``rc.iterations`` steps of Adam with a
+    cosine learning rate. Returns (images detached, last CE, last regulariser)."""
+    images = init.detach().clone().requires_grad_(True)
+    optimizer = torch.optim.Adam([images], lr=rc.lr, betas=tuple(rc.betas))
+    ce = reg = torch.full((), float("nan"))
+    for it in progress(range(rc.iterations), desc=desc):
+        set_lr(optimizer, lr_at(rc.lr, it, rc.iterations))
+        ce, reg = recover_step(images, targets, model, regularizer, optimizer, augment, generator, lo, hi)
+    return images.detach(), ce, reg
+
+
+def recover_set(model: nn.Module, regularizer, plan: list[ClassBatch], init: Callable[[ClassBatch], torch.Tensor],
+                rc: RecoverConfig, ipc: int, augment: Augment, generator: torch.Generator | None,
+                lo: torch.Tensor, hi: torch.Tensor, on_batch: Callable, desc: str = "recover") -> None:
+    """Recover every class-batch of ``plan``; ``on_batch(cb, images, ce, reg)`` after each."""
+    active = regularizer if rc.iterations > 0 else None
+    device = lo.device
+    for cb in progress(plan, desc=desc):
+        if active is not None:
+            active.set_curriculum(*curriculum(cb, len(plan), ipc, rc.beta_per))
+        targets = cb.classes.to(device)
+        images, ce, reg = recover_class_batch(init(cb).to(device), targets, model, active, rc, augment, generator,
+                                              lo, hi, desc=f"{desc} batch {cb.index + 1}/{len(plan)}")
+        if active is not None:
+            active.next_batch()
+        on_batch(cb, images, ce, reg)
+
+
+# --- output -----------------------------------------------------------------------------
+
+def to_pixels(images: torch.Tensor, mean, std) -> torch.Tensor:
+    """Normalised (k, C, H, W) -> pixel values in [0, 1], float32 on the CPU."""
+    mean = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
+    std = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
+    return (images.detach().float().cpu() * std + mean).clamp_(0, 1)
+
+
+def save_image(path: Path, pixels: torch.Tensor, fmt: str = "png") -> None:
+    """One image (C, H, W) in [0, 1] as an 8-bit PNG (lossless) or JPEG (quality 95), atomically."""
+    array = (pixels * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+    image = Image.fromarray(array[:, :, 0] if array.shape[2] == 1 else np.ascontiguousarray(array))
+    options = {"format": "PNG"} if fmt == "png" else {"format": "JPEG", "quality": 95}
+    atomic_write(path, lambda tmp: image.save(tmp, **options))
+
+
+class SetWriter:
+    """Writes one distilled set as its class-batches finish, in SRe2L's layout
+    ``new{c:03d}/class{c:03d}_id{ipc:03d}.png`` plus ``batches/ipc{i:03d}_batch{b:04d}.safetensors``
+    (pixels in [0, 1], float32, and labels); ``finish`` joins the batch files into
+    ``distilled.safetensors``: images (N, C, H, W) ordered by ipc then class, labels (N,)."""
+
+    def __init__(self, root: Path, mean, std, fmt: str = "png"):
+        self.root, self.mean, self.std, self.fmt = Path(root), tuple(mean), tuple(std), fmt
+        self.ext = "png" if fmt == "png" else "jpg"
+
+    def batch_file(self, cb: ClassBatch) -> Path:
+        return self.root / "batches" / f"ipc{cb.ipc_index:03d}_batch{cb.index:04d}.safetensors"
+
+    def write(self, cb: ClassBatch, images: torch.Tensor) -> None:
+        pixels = to_pixels(images, self.mean, self.std)
+        for c, image in zip(cb.classes.tolist(), pixels):
+            save_image(self.root / f"new{c:03d}" / f"class{c:03d}_id{cb.ipc_index:03d}.{self.ext}", image, self.fmt)
+        tensors = {"images": pixels.contiguous(), "labels": cb.classes.clone()}
+        atomic_write(self.batch_file(cb), lambda tmp: save_file(tensors, tmp))
+
+    def finish(self, plan: list[ClassBatch], meta: dict) -> Path:
+        parts = [load_file(str(self.batch_file(cb))) for cb in plan]
+        images = torch.cat([p["images"] for p in parts])
+        labels = torch.cat([p["labels"] for p in parts])
+        path = self.root / DISTILLED_FILE
+        metadata = {k: str(v) for k, v in dict(meta, mean=list(self.mean), std=list(self.std)).items()}
+        atomic_write(path, lambda tmp: save_file({"images": images, "labels": labels}, tmp, metadata=metadata))
+        return path
+
+
+def method_name(rc: RecoverConfig) -> str:
+    init = rc.init or ("noise" if rc.loss == "sre2l" else "real")
+    if rc.loss == "none":
+        return "random-real" if init == "real" else "noise"
+    return rc.loss
+
+
+def recover_one(cfg: Config, data: Data, model: nn.Module, stats: RealStats | None, root: Path, ipc: int,
+                seed: int, device, log=None) -> dict:
+    """Recover one distilled set (``ipc`` images per class, ``seed``) into ``root``."""
+    rc = cfg.recover
+    if rc.loss == "none":  # the baseline is the initial images themselves
+        rc = dataclasses.replace(rc, iterations=0)
+    init_kind = rc.init or ("noise" if rc.loss == "sre2l" else "real")
+    plan = plan_class_batches(data.num_classes, ipc, rc.batch_size)
+    cpu_gen = make_generator(torch.device("cpu"), seed)
+    if init_kind == "real":
+        picks = pick_real(data.train_labels, data.num_classes, ipc, cpu_gen)
+
+        def init(cb):
+            return data.train_images(picks[cb.ipc_index, cb.classes])
+    else:
+        def init(cb):
+            return torch.randn(len(cb.classes), data.channels, data.image_size, data.image_size, generator=cpu_gen)
+
+    writer = SetWriter(root, data.mean, data.std, rc.image_format)
+
+    def on_batch(cb, images, ce, reg):
+        writer.write(cb, images)
+        if log is not None and rc.iterations > 0:
+            log(f"recover {method_name(rc)} ipc={ipc} seed={seed}: class-batch {cb.index + 1}/{len(plan)} "
+                f"ce {float(ce):.4f} reg {float(reg):.4f}")
+
+    regularizer = make_regularizer(rc, model, stats)
+    lo, hi = pixel_bounds(data.mean, data.std, device)
+    try:
+        recover_set(model, regularizer, plan, init, rc, ipc, make_augment("recover", rc.crop_min, rc.shift),
+                    make_generator(device, seed), lo, hi, on_batch, desc=f"recover ipc={ipc} seed={seed}")
+    finally:
+        if regularizer is not None:
+            regularizer.remove()
+    method = method_name(rc)
+    path = writer.finish(plan, {"method": method, "ipc": ipc, "seed": seed, "num_classes": data.num_classes})
+    return {"method": method, "ipc": ipc, "seed": seed, "path": str(path)}
+
+
+def run(cfg: Config, out: RunDir, teacher_path, stats_path=None) -> dict:
+    """Recover a distilled set per (ipc, seed) of the config. With one ipc and one seed the
+    set is written into ``out`` itself, otherwise into ``out/ipc{ipc}_seed{seed}``."""
+    device = setup_device(cfg)
+    data = prepare_data(cfg)
+    out.write_config(cfg)
+    model, _ = load_teacher(teacher_path, device)
+    model.requires_grad_(False)
+    stats = None
+    if cfg.recover.loss == "cfm":
+        if not stats_path:
+            raise ConfigError("recover --loss cfm needs real statistics: --from a stats run or --stats FILE")
+        stats = RealStats.load(stats_path, device)
+    many = len(cfg.ipc) * len(cfg.seeds) > 1
+    sets = []
+    for ipc in cfg.ipc:
+        for seed in cfg.seeds:
+            root = out.path / f"ipc{ipc}_seed{seed}" if many else out.path
+            sets.append(recover_one(cfg, data, model, stats, root, ipc, seed, device, out.log))
+            out.log(f"recover: wrote {sets[-1]['path']}")
+    artifacts = {"teacher": str(teacher_path), "distilled": sets}
+    if stats_path:
+        artifacts["stats"] = str(stats_path)
+    results = {"sets": sets, "artifacts": artifacts}
+    out.write_results(results)
+    return results
