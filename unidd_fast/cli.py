@@ -1,10 +1,187 @@
-"""The ``unidd-fast`` command (placeholder until the pipeline lands)."""
+"""The ``unidd-fast`` command: dataset distillation by spectral filtering (UniDD / CFM).
+
+  unidd-fast distill                       the embedded default: digits on CPU, CFM vs. baselines
+  unidd-fast squeeze|stats|recover|evaluate  one stage; chain them with --from DIR
+  unidd-fast show DIR                      pictures of a run
+  unidd-fast kernels ...                   ahead-of-time kernel tools
+"""
 from __future__ import annotations
 
 import argparse
+import sys
+from pathlib import Path
+
+from .errors import UniddError
+
+STAGES = ("distill", "squeeze", "stats", "recover", "evaluate")
+HELP = {
+    "distill": "squeeze → stats → recover → evaluate with baselines (no arguments: digits on CPU)",
+    "squeeze": "train the teacher on the real training set",
+    "stats": "exact real statistics at every hook site of the teacher",
+    "recover": "synthesise the distilled images (CFM loss, or --loss sre2l / none)",
+    "evaluate": "train students on distilled sets by online KD; top-1 on the real test set",
+    "show": "PNG grids of distilled images and plots of the filter responses",
+    "kernels": "ahead-of-time kernel tools (arguments are passed on)",
+}
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers like 1,10, got {text!r}") from None
+    if not values or min(values) < 0:
+        raise argparse.ArgumentTypeError(f"expected non-negative integers like 1,10, got {text!r}")
+    return values
+
+
+def _stage_parser(sub, name: str):
+    from .pipeline.config import DATASETS
+
+    p = sub.add_parser(name, help=HELP[name], description=HELP[name])
+    p.add_argument("--out", metavar="DIR", help=f"run directory to write (default ./runs/{name})")
+    p.add_argument("--from", dest="from_dir", metavar="DIR",
+                   help="run directory of the stage before (its config and files are the starting point)")
+    p.add_argument("--dataset", choices=DATASETS, help="dataset (default digits, or the --from run's)")
+    p.add_argument("--data", metavar="PATH", help="dataset root directory (not needed for digits)")
+    p.add_argument("--ipc", type=_int_list, metavar="LIST", help="images per class, e.g. 1,10")
+    p.add_argument("--seeds", type=_int_list, metavar="LIST", help="seeds, e.g. 0,1")
+    p.add_argument("--iterations", type=int, metavar="N", help="recover iterations per class-batch")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), help="where to run (default: the dataset's)")
+    p.add_argument("--arch", help="teacher architecture: resnet18, resnet50, resnet101, convnet")
+    p.add_argument("--loss", choices=("cfm", "sre2l", "none"),
+                   help="recover loss: cfm (default), sre2l (BN matching), none (random real images)")
+    p.add_argument("--teacher", metavar="FILE", help="teacher.safetensors written by squeeze")
+    p.add_argument("--stats", metavar="FILE", help="stats.safetensors written by stats")
+    p.add_argument("--teacher-checkpoint", metavar="FILE",
+                   help="squeeze: start from this torch state dict (weights_only load); trains 0 epochs "
+                        "unless --set squeeze.epochs=N")
+    if name == "evaluate":
+        p.add_argument("--distilled", action="append", metavar="PATH",
+                       help="a distilled set: distilled.safetensors, its directory, or an ImageFolder of "
+                            "images (any method's); repeatable")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override any config value, e.g. recover.lr=0.1 or evaluate.epochs=50 (repeatable)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars or log lines on the terminal")
+    return p
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="unidd-fast", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in STAGES:
+        _stage_parser(sub, name)
+    show = sub.add_parser("show", help=HELP["show"], description=HELP["show"])
+    show.add_argument("run", metavar="DIR", help="a recover or distill run directory")
+    show.add_argument("--stats", metavar="FILE", help="statistics for the filter plot (default: the run's)")
+    show.add_argument("--quiet", action="store_true")
+    sub.add_parser("kernels", help=HELP["kernels"], add_help=False)
+    return parser
+
+
+def resolve_config(args):
+    """The run's Config: the --from run's config (or the dataset's defaults), then flags,
+    then --set overrides. Returns (config, artifacts of the --from run)."""
+    from .errors import ConfigError
+    from .pipeline import config
+    from .pipeline.rundir import read_results
+
+    artifacts = {}
+    if args.from_dir:
+        cfg = config.load(Path(args.from_dir).expanduser() / "config.json")
+        artifacts = read_results(args.from_dir).get("artifacts", {})
+        if args.dataset and args.dataset != cfg.data.dataset:
+            raise ConfigError(f"--dataset {args.dataset} differs from the --from run's dataset {cfg.data.dataset}")
+    else:
+        cfg = config.defaults(args.dataset or "digits")
+    flags = {"data.data": args.data, "ipc": args.ipc, "seeds": args.seeds, "recover.iterations": args.iterations,
+             "device": args.device, "model.arch": args.arch, "recover.loss": args.loss}
+    for key, value in flags.items():
+        if value is not None:
+            config.set_value(cfg, key, value)
+    overridden = set()
+    for text in args.overrides:
+        key, value = config.parse_assignment(text)
+        config.set_value(cfg, key, value)
+        overridden.add(key)
+    if args.teacher_checkpoint and "squeeze.epochs" not in overridden:
+        cfg.squeeze.epochs = 0
+    return cfg, artifacts
+
+
+def _artifact(args, artifacts: dict, name: str, stage: str):
+    from .errors import ConfigError
+
+    value = getattr(args, name) or artifacts.get(name)
+    if not value:
+        raise ConfigError(f"{stage} needs --{name} FILE, or --from the run directory of `unidd-fast "
+                          f"{'squeeze' if name == 'teacher' else 'stats'}`")
+    return value
+
+
+def run_stage(args) -> int:
+    from .pipeline import distill, evaluate, recover, squeeze, stats
+    from .pipeline.rundir import RunDir
+    from .progress import set_quiet
+
+    set_quiet(args.quiet)
+    cfg, artifacts = resolve_config(args)
+    out = RunDir(args.out or Path("runs") / args.command, quiet=args.quiet)
+    command = args.command
+    if command == "distill":
+        distill.run(cfg, out, args.teacher_checkpoint)
+    elif command == "squeeze":
+        squeeze.run(cfg, out, args.teacher_checkpoint)
+    elif command == "stats":
+        stats.run(cfg, out, _artifact(args, artifacts, "teacher", command))
+    elif command == "recover":
+        stats_path = _artifact(args, artifacts, "stats", command) if cfg.recover.loss == "cfm" else args.stats
+        recover.run(cfg, out, _artifact(args, artifacts, "teacher", command), stats_path)
+    else:
+        from .errors import ConfigError
+
+        sets = args.distilled or artifacts.get("distilled")
+        if not sets:
+            raise ConfigError("evaluate needs --distilled PATH or --from a recover run directory")
+        results = evaluate.run(cfg, out, _artifact(args, artifacts, "teacher", command), sets)
+        print(evaluate.summary_table(results["results"], results["teacher_accuracy"]), flush=True)
+    print(f"wrote {out.path}", flush=True)
+    return 0
+
+
+def run_show(args) -> int:
+    import json
+
+    from .pipeline import show
+    from .pipeline.config import load
+
+    root = Path(args.run).expanduser()
+    stats_path, beta, beta_min = args.stats, 0.1, 1e-6
+    results = root / "results.json"
+    if stats_path is None and results.is_file():
+        stats_path = json.loads(results.read_text()).get("artifacts", {}).get("stats")
+    if (root / "config.json").is_file():
+        cfg = load(root / "config.json")
+        beta, beta_min = cfg.recover.beta, cfg.recover.beta_min
+    for path in show.run(root, stats_path, beta, beta_min):
+        print(path)
+    return 0
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="unidd-fast", description=__doc__)
-    parser.parse_args(argv)
-    return 0
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "kernels":
+        from .kernels import aot
+
+        return aot.main(argv[1:]) or 0
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    try:
+        return run_show(args) if args.command == "show" else run_stage(args)
+    except UniddError as exc:
+        print(f"unidd-fast {args.command}: error: {exc}", file=sys.stderr)
+        return 2

@@ -1,0 +1,182 @@
+"""Relabel / evaluate: train a fresh student on a distilled set with online knowledge
+distillation from the teacher and report its top-1 accuracy on the real test set.
+
+Every step the teacher labels the augmented (optionally CutMixed) batch the student sees:
+loss = T² · KL(softmax(t/T) ‖ softmax(s/T)), batch-mean (SRe2L / FKD style, paper Table 4).
+Distilled sets are read from our ``distilled.safetensors`` or from any ImageFolder tree of
+images (SRe2L's ``new{c:03d}/class{c:03d}_id{ipc:03d}.png`` or class-named folders), so
+other methods' outputs are evaluated the same way.
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors import SafetensorError, safe_open
+from torch import nn
+from torchvision import transforms as T
+from torchvision.datasets.folder import IMG_EXTENSIONS, make_dataset
+
+from ..errors import ConfigError
+from ..progress import progress
+from .augment import cutmix, make_augment
+from .config import Config
+from .datasets import Batches, Data, ImageList, TensorImages, image_loader, prepare_data
+from .models import build_model, load_teacher
+from .recover import DISTILLED_FILE
+from .rundir import RunDir
+from .train import accuracy, fit, lr_at, make_generator, make_optimizer, seeded, setup_device
+
+IN_MEMORY_BYTES = 2**31  # distilled sets larger than this (as uint8) are streamed from disk
+
+
+def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """T² · KL(p_teacher ‖ p_student) at temperature T, averaged over the batch."""
+    t = temperature
+    return F.kl_div(F.log_softmax(student_logits / t, 1), F.log_softmax(teacher_logits.float() / t, 1),
+                    reduction="batchmean", log_target=True) * (t * t)
+
+
+def _folder_classes(names: list[str], data_classes: list[str]) -> dict[str, int]:
+    """Class index of each class folder: ``new{c:03d}`` -> c; dataset class names -> their
+    index; otherwise sorted order."""
+    if all(re.fullmatch(r"new\d+", n) for n in names):
+        return {n: int(n[3:]) for n in names}
+    if set(names) <= set(data_classes):
+        return {n: data_classes.index(n) for n in names}
+    return {n: i for i, n in enumerate(sorted(names))}
+
+
+def load_distilled(path, data: Data) -> tuple[torch.utils.data.Dataset, int]:
+    """(dataset of normalised images and labels, number of images) from a
+    ``distilled.safetensors``, a directory holding one, or an ImageFolder tree."""
+    path = Path(path).expanduser()
+    if path.is_dir() and (path / DISTILLED_FILE).is_file():
+        path = path / DISTILLED_FILE
+    if path.is_file():
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                images, labels = handle.get_tensor("images"), handle.get_tensor("labels")
+        except (SafetensorError, OSError) as exc:
+            raise ConfigError(f"{path} is not a readable distilled set ({exc}); rerun `unidd-fast recover`") from exc
+        if images.shape[1] != data.channels:
+            raise ConfigError(f"{path} has {images.shape[1]}-channel images, the dataset has {data.channels}")
+        return TensorImages(images, labels, data.mean, data.std, data.image_size), images.shape[0]
+    if not path.is_dir():
+        raise ConfigError(f"distilled set {path} does not exist; expected {DISTILLED_FILE} or an ImageFolder tree "
+                          "(new000/class000_id000.png, ...)")
+    names = sorted(e.name for e in path.iterdir() if e.is_dir() and e.name != "batches")
+    if not names:
+        raise ConfigError(f"{path} has no class folders; expected new{{c:03d}}/class{{c:03d}}_id{{i:03d}}.png")
+    class_to_idx = _folder_classes(names, list(data.classes))
+    bad = [n for n, c in class_to_idx.items() if c >= data.num_classes]
+    if bad:
+        raise ConfigError(f"{path}: class folders {bad[:3]} exceed the dataset's {data.num_classes} classes")
+    samples = make_dataset(str(path), class_to_idx, extensions=IMG_EXTENSIONS, allow_empty=True)
+    if not samples:
+        raise ConfigError(f"{path}: no images in its class folders")
+    size = data.image_size
+    resize = [T.Resize(size, antialias=True), T.CenterCrop(size)]
+    if len(samples) * data.channels * size * size > IN_MEMORY_BYTES:
+        transform = T.Compose(resize + [T.ToTensor(), T.Normalize(data.mean, data.std)])
+        return ImageList(samples, transform, image_loader(data.channels)), len(samples)
+    to_uint8 = T.Compose(resize + [T.PILToTensor()])
+    loader = image_loader(data.channels)
+    images = torch.stack([to_uint8(loader(p)) for p, _ in progress(samples, desc="load distilled")])
+    labels = torch.tensor([c for _, c in samples], dtype=torch.long)
+    return TensorImages(images, labels, data.mean, data.std, size), len(samples)
+
+
+def train_student(student: nn.Module, teacher: nn.Module, distilled, cfg: Config, device, seed: int,
+                  desc: str = "evaluate", log=None) -> float:
+    """Online KD of ``student`` from ``teacher`` on ``distilled`` (cfg.evaluate settings)."""
+    ev = cfg.evaluate
+    aug = make_augment(ev.augment, ev.crop_min)
+    generator = make_generator(device, seed)
+    train = Batches(distilled, ev.batch_size, shuffle=True, generator=make_generator(torch.device("cpu"), seed),
+                    device=device, workers=cfg.data.workers)
+    optimizer = make_optimizer(student.parameters(), ev.optimizer, ev.lr, ev.momentum, ev.weight_decay)
+    teacher.eval()
+
+    def loss_fn(x, _labels):
+        x = cutmix(aug(x, generator), ev.cutmix, generator)
+        with torch.no_grad():
+            target = teacher(x)
+        return kd_loss(student(x), target, ev.temperature)
+
+    return fit(student, train, ev.epochs, optimizer, lambda step, total: lr_at(ev.lr, step, total), loss_fn, desc, log)
+
+
+def evaluate_set(cfg: Config, data: Data, teacher: nn.Module, spec: dict, path, seed: int, device,
+                 log=None, label: str = "") -> tuple[float, int]:
+    """(test top-1 of a student trained on the distilled set at ``path``, its image count)."""
+    distilled, count = load_distilled(path, data)
+    arch = cfg.evaluate.arch or spec["arch"]
+    with seeded(seed):
+        student = build_model(arch, data.num_classes, data.image_size, data.channels, spec["width"],
+                              spec["depth"]).to(device)
+    train_student(student, teacher, distilled, cfg, device, seed, desc=f"evaluate {label}".strip(), log=log)
+    return accuracy(student, Batches(data.test, 256, device=device, workers=cfg.data.workers)), count
+
+
+def _describe(entry: dict | str, data: Data, seeds: list) -> list[dict]:
+    """Evaluation jobs of one distilled set: ours carry method/ipc/seed; a foreign folder is
+    evaluated once per seed of the config."""
+    if isinstance(entry, dict):
+        return [entry]
+    name = Path(entry).expanduser().resolve().name
+    return [{"method": name, "ipc": None, "seed": s, "path": str(entry)} for s in seeds]
+
+
+def run(cfg: Config, out: RunDir, teacher_path, distilled: list) -> dict:
+    """Evaluate every distilled set in ``distilled`` (records from recover, or paths)."""
+    device = setup_device(cfg)
+    data = prepare_data(cfg)
+    out.write_config(cfg)
+    teacher, spec = load_teacher(teacher_path, device)
+    teacher.requires_grad_(False)
+    if spec["num_classes"] != data.num_classes:
+        raise ConfigError(f"the teacher has {spec['num_classes']} classes, the dataset {data.num_classes}")
+    teacher_acc = accuracy(teacher, Batches(data.test, 256, device=device, workers=cfg.data.workers))
+    out.log(f"evaluate: teacher top-1 {100 * teacher_acc:.2f}%")
+    records = []
+    jobs = [job for entry in distilled for job in _describe(entry, data, cfg.seeds)]
+    for job in progress(jobs, desc="evaluate sets"):
+        label = f"{job['method']} ipc={job['ipc']} seed={job['seed']}"
+        acc, count = evaluate_set(cfg, data, teacher, spec, job["path"], job["seed"], device, out.log, label)
+        ipc = job["ipc"] if job["ipc"] is not None else round(count / data.num_classes)
+        records.append({"method": job["method"], "ipc": ipc, "seed": job["seed"], "accuracy": acc})
+        out.log(f"evaluate {job['method']} ipc={ipc} seed={job['seed']}: top-1 {100 * acc:.2f}%")
+        out.write_results({"teacher_accuracy": teacher_acc, "results": records})
+    results = {"teacher_accuracy": teacher_acc, "results": records,
+               "artifacts": {"teacher": str(teacher_path), "distilled": [str(j["path"]) for j in jobs]}}
+    out.write_results(results)
+    return results
+
+
+def summary_table(records: list[dict], teacher_accuracy: float | None = None) -> str:
+    """Mean ± spread of top-1 (%) per method and ipc, as a plain-text table."""
+    groups: dict[tuple, list[float]] = {}
+    for r in records:
+        groups.setdefault((r["method"], r["ipc"]), []).append(100 * r["accuracy"])
+    ipcs = sorted({ipc for _, ipc in groups})
+    methods = list(dict.fromkeys(m for m, _ in groups))
+    width = max([len(m) for m in methods] + [6])
+    lines = [f"{'method':<{width}}" + "".join(f"  {'ipc=' + str(i):>16}" for i in ipcs)]
+    for m in methods:
+        cells = []
+        for i in ipcs:
+            accs = groups.get((m, i))
+            if not accs:
+                cells.append(f"  {'-':>16}")
+                continue
+            mean = sum(accs) / len(accs)
+            spread = (max(accs) - min(accs)) / 2
+            cells.append(f"  {f'{mean:.2f} ± {spread:.2f} ({len(accs)})':>16}")
+        lines.append(f"{m:<{width}}" + "".join(cells))
+    if teacher_accuracy is not None:
+        lines.append(f"teacher (full real training set): {100 * teacher_accuracy:.2f}%")
+    return "\n".join(lines)
+
