@@ -283,18 +283,23 @@ def regularized_inverse_cuda(A, beta, names=None, check: bool = True, kernels=No
     tensors = list(A) if many else [A]
     if not tensors:
         return []
-    if any(t.dtype == torch.float64 for t in tensors):
-        from .ops import regularized_inverse
-
-        flat = [regularized_inverse(t, beta, backend="torch") for t in tensors]
-        return flat if many else flat[0]
     stacks = [_as_stack(t) for t in tensors]
-    kernels = _kernels_for(stacks[0], kernels)
-    if any(s.device != stacks[0].device for s in stacks):
-        raise ValueError(f"regularized_inverse got matrices on several devices: {sorted({str(s.device) for s in stacks})}")
     total = sum(s.shape[0] for s in stacks)
     if names is not None and len(names) != total:
         raise ValueError(f"{len(names)} names for {total} matrices")
+    if any(s.device != stacks[0].device for s in stacks):
+        raise ValueError(f"regularized_inverse got matrices on several devices: {sorted({str(s.device) for s in stacks})}")
+    if any(s.dtype == torch.float64 for s in stacks):
+        from .ops import regularized_inverse
+
+        first = 0
+        outs = []
+        for t, s in zip(tensors, stacks):
+            part = None if names is None else names[first:first + s.shape[0]]
+            outs.append(regularized_inverse(t, beta, backend="torch", names=part))
+            first += s.shape[0]
+        return outs if many else outs[0]
+    kernels = _kernels_for(stacks[0], kernels)
     keep = [i for i, s in enumerate(stacks) if s.shape[0] > 0]
     outs = list(stacks)  # empty stacks come back as they are
     if keep:
