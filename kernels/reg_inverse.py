@@ -7,10 +7,11 @@ column whose pivot was not > 0, NaN included), which eager callers check with
 ``reference.check_cholesky_info``. Why Cholesky and not Newton–Schulz: bench/roofline.py.
 
 Three launches, on workspaces padded to DP = nb·B (the padding is an identity block):
-  1. ``_chol_kernel``, grid (k,): right-looking blocked Cholesky in place in ``w``
-     (copy of A + βI), B×B diagonal tiles factored and inverted in registers, panel
-     L_ij = A_ij L_jj^-T and trailing update A_il -= L_ij L_ljᵀ by ``tl.dot``; the
-     inverted diagonal tiles go to the diagonal of ``y``.
+  1. ``_chol_kernel``, grid (k,): left-looking blocked Cholesky in place in ``w`` (copy
+     of A + βI): per block column j, the update Σ_{m<j} L_im L_jmᵀ is a pure ``tl.dot``
+     reduction (software-pipelined, no stores in between), the B×B diagonal tile is
+     factored and inverted in registers, and L_ij = (A_ij − update) L_jj^-T; the inverted
+     diagonal tiles go to the diagonal of ``y``.
   2. ``_tril_inverse_kernel``, grid (k, nb): block column j of Y = L^-1 by block forward
      substitution, Y_ij = −L_ii^-1 Σ_{j≤m<i} L_im Y_mj.
   3. ``_gram_kernel``, grid (k, nb, nb): (A + βI)^-1 = Yᵀ Y, lower blocks, mirrored.
@@ -108,23 +109,24 @@ def _chol_kernel(a_ptr, beta_ptr, beta_hi, beta_lo, w_ptr, y_ptr, info_ptr,
             tl.store(w + (bi * B) * DP + bj * B + tile, blk)
     tl.debug_barrier()
     info = tl.full((), 0, tl.int32)
-    for j in range(0, nb):
+    for j in range(0, nb):  # left-looking: column j from A and the finished columns < j
         jj = (j * B) * DP + j * B
-        low, bad = _chol_tile(tl.load(w + jj + tile), B)
+        upd = tl.zeros((B, B), dtype=ACC)
+        for mm in range(0, j):
+            l_jm = tl.load(w + (j * B) * DP + mm * B + tile)
+            upd = tl.dot(l_jm, tl.trans(l_jm), upd, input_precision=DOT_PRECISION)
+        low, bad = _chol_tile(tl.load(w + jj + tile) - upd, B)
         info = tl.where((info == 0) & (bad < B), j * B + bad + 1, info)
         low_inv = _tril_inverse_tile(low, B)
         tl.store(w + jj + tile, low)
         tl.store(y + jj + tile, low_inv)
-        for i in range(j + 1, nb):  # panel: L_ij = A_ij L_jj^-T
+        for i in range(j + 1, nb):  # panel: L_ij = (A_ij − Σ_{m<j} L_im L_jmᵀ) L_jj^-T
             ij = (i * B) * DP + j * B
-            tl.store(w + ij + tile, tl.dot(tl.load(w + ij + tile), tl.trans(low_inv), input_precision=DOT_PRECISION))
-        tl.debug_barrier()
-        for i in range(j + 1, nb):  # trailing update of the lower blocks: A_il -= L_ij L_ljᵀ
-            l_ij = tl.load(w + (i * B) * DP + j * B + tile)
-            for l in range(j + 1, i + 1):
-                il = (i * B) * DP + l * B
-                l_lj = tl.load(w + (l * B) * DP + j * B + tile)
-                tl.store(w + il + tile, tl.load(w + il + tile) - tl.dot(l_ij, tl.trans(l_lj), input_precision=DOT_PRECISION))
+            upd = tl.zeros((B, B), dtype=ACC)
+            for mm in range(0, j):
+                upd = tl.dot(tl.load(w + (i * B) * DP + mm * B + tile), tl.trans(tl.load(w + (j * B) * DP + mm * B + tile)),
+                             upd, input_precision=DOT_PRECISION)
+            tl.store(w + ij + tile, tl.dot(tl.load(w + ij + tile) - upd, tl.trans(low_inv), input_precision=DOT_PRECISION))
         tl.debug_barrier()
     tl.store(info_ptr + m, info)
 
@@ -206,11 +208,11 @@ def cholesky_inverse(A: torch.Tensor, beta, block: int = BLOCK):
     info = torch.empty((k,), dtype=torch.int32, device=A.device)
     beta_ptr, beta_hi, beta_lo, on_device = _beta_args(beta, A)
     cfg = config(A.dtype, on_device, block)
-    # num_stages=1: no software pipelining of loads across the barriers of these loops
+    # barriers sit between the block steps, never inside the innermost (pipelined) dot loops
     launch(_chol_kernel, (k,), A, beta_ptr, beta_hi, beta_lo, w, y, info, d, nb, *A.stride(),
-           num_warps=NUM_WARPS, num_stages=1, **cfg)
+           num_warps=NUM_WARPS, **cfg)
     launch(_tril_inverse_kernel, (k, nb), w, y, nb, B=block, DOT_PRECISION=cfg["DOT_PRECISION"],
-           num_warps=NUM_WARPS, num_stages=1)
+           num_warps=NUM_WARPS)
     launch(_gram_kernel, (k, nb, nb), y, out, d, nb, B=block, DOT_PRECISION=cfg["DOT_PRECISION"], num_warps=NUM_WARPS)
     return out, info
 

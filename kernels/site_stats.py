@@ -164,14 +164,13 @@ def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
-def num_chunks(n: int, nb: int, device: torch.device) -> int:
-    """Sample chunks of the forward grid: enough programs to fill the GPU ~4 times over
-    (the partial Grams cost chunks·d² fp32 of extra traffic); one in the interpreter,
-    where every program instance costs time and nothing runs in parallel."""
-    if device.type != "cuda":
-        return 1
+def num_chunks(n: int, d: int, rows: int, elem_size: int, sm_count: int) -> int:
+    """Sample chunks of the forward grid on a GPU with ``sm_count`` SMs: about two waves of
+    programs over the tile pairs, but no more partial Grams (chunks·d² fp32, written and
+    read back) than the map's own bytes, and at most one chunk per sample."""
+    nb = triton.cdiv(d, block_d(d))
     pairs = nb * (nb + 1) // 2
-    return max(1, min(n, triton.cdiv(4 * _sm_count(device.index or 0), pairs)))
+    return max(1, min(n, triton.cdiv(2 * sm_count, pairs), rows * elem_size // (8 * d)))
 
 
 def _spatial_strides(feat: torch.Tensor) -> torch.Tensor:
@@ -199,7 +198,9 @@ def site_stats_forward(feat: torch.Tensor, chunks: int | None = None):
     HW = h * w
     cfg = config(feat.dtype, d)
     nb = triton.cdiv(d, cfg["BLOCK_D"])
-    chunks = chunks or num_chunks(n, nb, feat.device)
+    if chunks is None:  # one in the interpreter, where every program instance costs time
+        chunks = (num_chunks(n, d, n * HW, feat.element_size(), _sm_count(feat.device.index or 0))
+                  if feat.device.type == "cuda" else 1)
     per_chunk = triton.cdiv(n, chunks)
     chunks = triton.cdiv(n, per_chunk)
     dt = acc_dtype(feat.dtype)
