@@ -43,8 +43,8 @@ UniddFeatureMap feature_map(const at::Tensor& x, int64_t n, int64_t d, int64_t h
 void stats_forward(const at::Tensor& x, int64_t n, int64_t d, int64_t hw, int64_t sn, int64_t sc, int64_t sp,
                    int64_t num_sms, at::Tensor partial, at::Tensor psum, at::Tensor psi, at::Tensor mu,
                    at::Tensor pooled) {
-  const c10::cuda::CUDAGuard guard(x.device());
   const UniddFeatureMap f = feature_map(x, n, d, hw, sn, sc, sp);
+  const c10::cuda::CUDAGuard guard(x.device());
   const int64_t chunks = unidd_stats_chunks(f.n, f.d, f.hw, int(num_sms));
   check_buffer(partial, "partial", at::kFloat, x);
   check_buffer(psum, "psum", at::kFloat, x);
@@ -62,8 +62,8 @@ void stats_forward(const at::Tensor& x, int64_t n, int64_t d, int64_t hw, int64_
 void stats_backward(const at::Tensor& x, int64_t n, int64_t d, int64_t hw, int64_t sn, int64_t sc, int64_t sp,
                     const at::Tensor& mu, const at::Tensor& gpsi, const std::optional<at::Tensor>& gmu,
                     const std::optional<at::Tensor>& gpooled, at::Tensor dx) {
-  const c10::cuda::CUDAGuard guard(x.device());
   const UniddFeatureMap f = feature_map(x, n, d, hw, sn, sc, sp);
+  const c10::cuda::CUDAGuard guard(x.device());
   check_buffer(mu, "mu", at::kFloat, x);
   check_buffer(gpsi, "gpsi", at::kFloat, x);
   TORCH_CHECK(mu.numel() == d && gpsi.numel() == d * d, "stats_backward: mu / gpsi have the wrong size");
@@ -91,6 +91,7 @@ void inverse(const std::vector<at::Tensor>& a, const std::vector<at::Tensor>& ou
   TORCH_CHECK(num >= 1 && num <= UNIDD_INV_MAX_GROUPS && out.size() == num && work_offsets.size() == num &&
                   info_offsets.size() == num,
               "inverse: 1 to ", int(UNIDD_INV_MAX_GROUPS), " groups with one output and offsets each");
+  TORCH_CHECK(work.is_cuda(), "work must be a CUDA tensor");
   const c10::cuda::CUDAGuard guard(work.device());
   check_buffer(work, "work", at::kFloat, work);
   check_buffer(info, "info", at::kInt, work);

@@ -24,6 +24,9 @@ from pathlib import Path
 import torch
 
 CSRC = Path(__file__).resolve().parent.parent / "csrc"
+# Kernels meant to run on tensor cores: none yet — every csrc/ kernel accumulates with fp32
+# FMAs (docs/cuda.md), so a tensor-core instruction in one of them would be a surprise.
+TENSOR_CORE_KERNELS: frozenset[str] = frozenset()
 TENSOR_CORE_OPS = ("HMMA", "HGMMA", "IMMA", "IGMMA", "QMMA", "QGMMA", "BMMA", "DMMA", "UTCMMA")
 
 
@@ -110,7 +113,7 @@ def _failure(kernel: str, target: str, error: str) -> dict:
 def compile_report(arches=("sm_90a", "sm_80"), csrc: Path | str | None = None) -> list[dict]:
     """Compile every ``csrc/*.cu`` for each target in ``arches``; one record per kernel and target:
     {"kernel", "backend": "cuda", "target", "ok", "registers", "spill_bytes", "shared_bytes",
-    "tensor_cores", "source"} (+ "error" when the file did not compile). Without nvcc every
+    "tensor_cores", "tensor_cores_expected", "source"} (+ "error" when the file did not compile). Without nvcc every
     record says so (ok False) instead of raising, so a combined report stays complete."""
     csrc = Path(csrc) if csrc is not None else CSRC
     sources = sorted(csrc.glob("*.cu"))
@@ -138,7 +141,9 @@ def compile_report(arches=("sm_90a", "sm_80"), csrc: Path | str | None = None) -
                 short = _demangle(sorted(usage))
                 for mangled in sorted(usage, key=short.get):
                     records.append({"kernel": short[mangled], "backend": "cuda", "target": arch, "ok": True,
-                                    **usage[mangled], "tensor_cores": mangled in tensor_cores, "source": src.name})
+                                    **usage[mangled], "tensor_cores": mangled in tensor_cores,
+                                    "tensor_cores_expected": short[mangled].split("<")[0] in TENSOR_CORE_KERNELS,
+                                    "source": src.name})
     return records
 
 
