@@ -121,30 +121,35 @@ def _artifact(args, artifacts: dict, name: str, stage: str):
 
 
 def run_stage(args) -> int:
+    from .errors import ConfigError
     from .pipeline import distill, evaluate, recover, squeeze, stats
     from .pipeline.rundir import RunDir
     from .progress import set_quiet
 
     set_quiet(args.quiet)
     cfg, artifacts = resolve_config(args)
-    out = RunDir(args.out or Path("runs") / args.command, quiet=args.quiet)
     command = args.command
+    inputs = {}
+    if command in ("stats", "recover", "evaluate"):
+        inputs["teacher"] = _artifact(args, artifacts, "teacher", command)
+    if command == "recover":
+        cfm = cfg.recover.loss == "cfm"
+        inputs["stats"] = _artifact(args, artifacts, "stats", command) if cfm else args.stats
+    if command == "evaluate":
+        inputs["sets"] = args.distilled or artifacts.get("distilled")
+        if not inputs["sets"]:
+            raise ConfigError("evaluate needs --distilled PATH or --from a recover run directory")
+    out = RunDir(args.out or Path("runs") / command, quiet=args.quiet)
     if command == "distill":
         distill.run(cfg, out, args.teacher_checkpoint)
     elif command == "squeeze":
         squeeze.run(cfg, out, args.teacher_checkpoint)
     elif command == "stats":
-        stats.run(cfg, out, _artifact(args, artifacts, "teacher", command))
+        stats.run(cfg, out, inputs["teacher"])
     elif command == "recover":
-        stats_path = _artifact(args, artifacts, "stats", command) if cfg.recover.loss == "cfm" else args.stats
-        recover.run(cfg, out, _artifact(args, artifacts, "teacher", command), stats_path)
+        recover.run(cfg, out, inputs["teacher"], inputs["stats"])
     else:
-        from .errors import ConfigError
-
-        sets = args.distilled or artifacts.get("distilled")
-        if not sets:
-            raise ConfigError("evaluate needs --distilled PATH or --from a recover run directory")
-        results = evaluate.run(cfg, out, _artifact(args, artifacts, "teacher", command), sets)
+        results = evaluate.run(cfg, out, inputs["teacher"], inputs["sets"])
         print(evaluate.summary_table(results["results"], results["teacher_accuracy"]), flush=True)
     print(f"wrote {out.path}", flush=True)
     return 0

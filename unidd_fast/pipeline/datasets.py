@@ -178,14 +178,14 @@ class _ArrayUnpickler(pickle.Unpickler):
         raise pickle.UnpicklingError(f"refusing to load {module}.{name}: not part of a CIFAR batch file")
 
 
-def _read_cifar_file(path: Path) -> dict:
+def _read_cifar_file(path: Path, key: str = "data") -> dict:
     try:
         with open(path, "rb") as handle:
             entry = _ArrayUnpickler(handle, encoding="latin1").load()
     except Exception as exc:
         raise ConfigError(f"{path} is not a readable CIFAR batch ({exc}); re-extract the CIFAR archive") from exc
-    if not isinstance(entry, dict) or "data" not in entry:
-        raise ConfigError(f"{path} is not a CIFAR batch (no 'data' entry)")
+    if not isinstance(entry, dict) or key not in entry:
+        raise ConfigError(f"{path} is not a CIFAR file (no {key!r} entry); re-extract the CIFAR archive")
     return entry
 
 
@@ -209,7 +209,7 @@ def load_cifar(cfg: DataConfig) -> Data:
         images = torch.from_numpy(np.vstack(data).reshape(-1, 3, 32, 32))
         return images, torch.tensor(labels, dtype=torch.long)
 
-    classes = list(_read_cifar_file(folder / cls.meta["filename"])[cls.meta["key"]])
+    classes = list(_read_cifar_file(folder / cls.meta["filename"], cls.meta["key"])[cls.meta["key"]])
     (xtr, ytr), (xte, yte) = read(cls.train_list), read(cls.test_list)
     if cfg.channels != 3:
         raise ConfigError(f"{cfg.dataset} images have 3 channels, got data.channels={cfg.channels}")

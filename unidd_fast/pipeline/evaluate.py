@@ -21,6 +21,7 @@ from torchvision.datasets.folder import IMG_EXTENSIONS, make_dataset
 
 from ..errors import ConfigError
 from ..progress import progress
+from ..reference import acc_dtype
 from .augment import cutmix, make_augment
 from .config import Config
 from .datasets import Batches, Data, ImageList, TensorImages, image_loader, prepare_data
@@ -34,8 +35,8 @@ IN_MEMORY_BYTES = 2**31  # distilled sets larger than this (as uint8) are stream
 
 def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
     """T² · KL(p_teacher ‖ p_student) at temperature T, averaged over the batch."""
-    t = temperature
-    return F.kl_div(F.log_softmax(student_logits / t, 1), F.log_softmax(teacher_logits.float() / t, 1),
+    t, dtype = temperature, acc_dtype(student_logits.dtype)
+    return F.kl_div(F.log_softmax(student_logits.to(dtype) / t, 1), F.log_softmax(teacher_logits.to(dtype) / t, 1),
                     reduction="batchmean", log_target=True) * (t * t)
 
 

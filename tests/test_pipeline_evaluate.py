@@ -1,0 +1,75 @@
+"""Evaluate: the KD loss, reading distilled sets (ours and other methods' folders), the table."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from unidd_fast.errors import ConfigError
+from unidd_fast.pipeline.datasets import Data, TensorImages
+from unidd_fast.pipeline.evaluate import kd_loss, load_distilled, summary_table
+from unidd_fast.pipeline.recover import SetWriter, plan_class_batches
+
+
+def test_kd_loss_is_t2_scaled_batchmean_kl(gen):
+    s = torch.randn(6, 5, generator=gen, dtype=torch.float64, requires_grad=True)
+    t = torch.randn(6, 5, generator=gen, dtype=torch.float64)
+    temp = 4.0
+    p, log_q = F.softmax(t / temp, 1), F.log_softmax(s / temp, 1)
+    expected = (p * (p.log() - log_q)).sum() / 6 * temp**2
+    torch.testing.assert_close(kd_loss(s, t, temp), expected)  # float64, same formula
+    assert float(kd_loss(t, t, temp)) == pytest.approx(0, abs=1e-12)
+    torch.autograd.gradcheck(lambda x: kd_loss(x, t, temp), (s,))
+
+
+def _data(classes=3, channels=1, size=4):
+    empty = TensorImages(torch.zeros(classes, channels, size, size), torch.arange(classes), (0.5,) * channels,
+                         (0.25,) * channels, size)
+    return Data("test", empty, empty, torch.arange(classes), [f"c{i}" for i in range(classes)], size, channels,
+                (0.5,) * channels, (0.25,) * channels)
+
+
+def _write_set(root, gen, classes=3, ipc=2):
+    plan = plan_class_batches(classes, ipc, batch_size=2)
+    writer = SetWriter(root, (0.5,), (0.25,))
+    for cb in plan:
+        writer.write(cb, torch.randn(len(cb.classes), 1, 4, 4, generator=gen))
+    return writer.finish(plan, {})
+
+
+def test_png_folder_and_tensor_file_give_the_same_set(gen, tmp_path):
+    path = _write_set(tmp_path, gen)
+    data = _data()
+    from_file, n = load_distilled(tmp_path, data)
+    (tmp_path / path.name).unlink()
+    from_pngs, m = load_distilled(tmp_path, data)  # SRe2L layout new{c:03d}/class{c:03d}_id{i:03d}.png
+    assert n == m == 6
+    a = from_file.batch(torch.arange(6))
+    b = from_pngs.batch(torch.arange(6))
+    order_a, order_b = a[1].argsort(stable=True), b[1].argsort(stable=True)
+    assert a[1][order_a].tolist() == b[1][order_b].tolist() == [0, 0, 1, 1, 2, 2]
+    # 8-bit PNG quantisation: half a grey level, divided by std 0.25 after normalisation
+    torch.testing.assert_close(a[0][order_a], b[0][order_b], atol=0.5 / 255 / 0.25 + 1e-6, rtol=0)
+
+
+def test_foreign_folders_map_classes_by_name(gen, tmp_path):
+    from PIL import Image
+
+    for name in ("c2", "c0"):
+        (tmp_path / name).mkdir()
+        Image.new("L", (6, 6), 128).save(tmp_path / name / "x.png")
+    ds, n = load_distilled(tmp_path, _data())
+    assert n == 2 and sorted(ds.labels.tolist()) == [0, 2]
+    assert ds.batch(torch.arange(2))[0].shape == (2, 1, 4, 4)  # resized to the dataset's side
+    (tmp_path / "sre2l" / "new009").mkdir(parents=True)
+    Image.new("L", (4, 4)).save(tmp_path / "sre2l" / "new009" / "class009_id000.png")
+    with pytest.raises(ConfigError, match="exceed the dataset's 3 classes"):
+        load_distilled(tmp_path / "sre2l", _data())
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_distilled(tmp_path / "nothing", _data())
+
+
+def test_summary_table_means_over_seeds():
+    records = [{"method": "cfm", "ipc": 1, "seed": s, "accuracy": a} for s, a in ((0, 0.8), (1, 0.9))]
+    records.append({"method": "random-real", "ipc": 10, "seed": 0, "accuracy": 0.5})
+    table = summary_table(records, 0.99)
+    assert "85.00 ± 5.00 (2)" in table and "50.00 ± 0.00 (1)" in table and "99.00%" in table
+    assert table.splitlines()[1].split()[:2] == ["cfm", "85.00"]
