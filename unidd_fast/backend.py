@@ -15,6 +15,11 @@ from .errors import ConfigError
 
 BACKENDS = ("torch", "triton", "cuda")
 
+# What "auto" tries first on a CUDA device, per op, from the H100 roofline predictions in
+# bench/RESULTS.md (not yet GPU-measured): Triton's tensor-core Gram beats the CUDA kernels'
+# fp32 FMA Gram; the CUDA inverse does all widths in one launch set (~186 µs vs ~474 µs).
+AUTO_ORDER = {"site_stats": ("triton", "cuda"), "regularized_inverse": ("cuda", "triton")}
+
 
 @functools.lru_cache(maxsize=None)
 def triton_available() -> bool:
@@ -39,16 +44,16 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def resolve_backend(backend: str | None, device: torch.device | str) -> str:
-    """Turn ``backend`` ("auto", None or a name) into a concrete backend for ``device``."""
+def resolve_backend(backend: str | None, device: torch.device | str, op: str = "site_stats") -> str:
+    """Turn ``backend`` ("auto", None or a name) into a concrete backend for ``op`` on ``device``."""
     name = backend or os.environ.get("UNIDD_BACKEND", "auto")
     device = torch.device(device)
     if name == "auto":
         if device.type == "cuda":
-            if cuda_extension_available():
-                return "cuda"
-            if triton_available():
-                return "triton"
+            available = {"triton": triton_available(), "cuda": cuda_extension_available()}
+            for candidate in AUTO_ORDER[op]:
+                if available[candidate]:
+                    return candidate
         return "torch"
     if name not in BACKENDS:
         raise ConfigError(f"unknown backend {name!r}; choose one of {('auto',) + BACKENDS}")

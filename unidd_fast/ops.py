@@ -24,7 +24,7 @@ def site_stats(feat: torch.Tensor, backend: str | None = "auto"):
 
 def regularized_inverse(A: torch.Tensor, beta, backend: str | None = "auto", names=None):
     """(A + βI)^-1 for symmetric positive semi-definite A (..., d, d), by Cholesky."""
-    name = resolve_backend(backend, A.device)
+    name = resolve_backend(backend, A.device, "regularized_inverse")
     if name == "torch":
         return reference.regularized_inverse(A, beta, names=names)
     from .kernels import dispatch
