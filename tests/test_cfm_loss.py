@@ -124,7 +124,7 @@ def test_emu_changes_the_matched_statistics(gen):
         cfm(torch.arange(C))
         cfm.next_batch()
         model(x2)
-        values[emu] = float(cfm(torch.arange(C)))
+        values[emu] = cfm(torch.arange(C)).item()
         cfm.remove()
     fresh = uf.CFMLoss(model, stats, emu=False)
     model(x2)
