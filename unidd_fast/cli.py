@@ -8,12 +8,15 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
+from . import distributed
 from .errors import UniddError
 
 STAGES = ("distill", "squeeze", "stats", "recover", "evaluate")
+DISTRIBUTED_STAGES = ("stats", "recover", "evaluate")  # the stages torchrun can shard
 HELP = {
     "distill": "squeeze → stats → recover → evaluate with baselines (no arguments: digits on CPU)",
     "squeeze": "train the teacher on the real training set",
@@ -62,6 +65,9 @@ def _stage_parser(sub, name: str):
                             "images (any method's); repeatable")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override any config value, e.g. recover.lr=0.1 or evaluate.epochs=50 (repeatable)")
+    p.add_argument("--force", action="store_true",
+                   help="--out holds an earlier run: delete what it wrote and start over (default: resume it, "
+                        "or refuse if its configuration differs)")
     p.add_argument("--quiet", action="store_true", help="no progress bars or log lines on the terminal")
     return p
 
@@ -107,6 +113,7 @@ def resolve_config(args):
         overridden.add(key)
     if args.teacher_checkpoint and "squeeze.epochs" not in overridden:
         cfg.squeeze.epochs = 0
+    config.validate(cfg)
     return cfg, artifacts
 
 
@@ -122,7 +129,7 @@ def _artifact(args, artifacts: dict, name: str, stage: str):
 
 def run_stage(args) -> int:
     from .errors import ConfigError
-    from .pipeline import distill, evaluate, recover, squeeze, stats
+    from .pipeline import checks
     from .pipeline.rundir import RunDir
     from .progress import set_quiet
 
@@ -139,7 +146,53 @@ def run_stage(args) -> int:
         inputs["sets"] = args.distilled or artifacts.get("distilled")
         if not inputs["sets"]:
             raise ConfigError("evaluate needs --distilled PATH or --from a recover run directory")
-    out = RunDir(args.out or Path("runs") / command, quiet=args.quiet)
+    _check_inputs(args, inputs)
+    out_path = Path(args.out or Path("runs") / command)
+    here = _join_torchrun(cfg, command)
+    if here.is_main:
+        checks.check_writable(out_path)
+    out = RunDir(out_path, quiet=args.quiet, force=args.force)
+    try:
+        _run(command, cfg, out, inputs, args)
+    finally:
+        distributed.shutdown()
+    if here.is_main:
+        print(f"wrote {out.path}", flush=True)
+    return 0
+
+
+def _check_inputs(args, inputs: dict) -> None:
+    """Every input file named exists (before any data is read)."""
+    from .pipeline import checks
+
+    if args.teacher_checkpoint:
+        checks.check_exists("--teacher-checkpoint", args.teacher_checkpoint, "give a torch.save state dict file")
+    if inputs.get("teacher"):
+        checks.check_exists("--teacher", inputs["teacher"], "train one with `unidd-fast squeeze`")
+    if inputs.get("stats"):
+        checks.check_exists("--stats", inputs["stats"], "collect them with `unidd-fast stats`")
+    for entry in inputs.get("sets") or []:
+        path = entry["path"] if isinstance(entry, dict) else entry
+        checks.check_exists("--distilled", path, "give distilled.safetensors, its directory or an image folder")
+
+
+def _join_torchrun(cfg, command: str):
+    """Under torchrun: join the process group (gloo on CPU, NCCL on GPU) for the stages that
+    shard their work; refuse the others. Returns this process's DistInfo."""
+    from .errors import ConfigError
+    from .pipeline.train import resolve_device
+
+    if not distributed.launched_by_torchrun() or int(os.environ.get("WORLD_SIZE", 1)) == 1:
+        return distributed.info()
+    if command not in DISTRIBUTED_STAGES:
+        raise ConfigError(f"`unidd-fast {command}` runs in one process; torchrun shards only "
+                          f"{', '.join(DISTRIBUTED_STAGES)}: launch it without torchrun")
+    return distributed.init(resolve_device(cfg.device))
+
+
+def _run(command: str, cfg, out, inputs: dict, args) -> None:
+    from .pipeline import distill, evaluate, recover, squeeze, stats
+
     if command == "distill":
         distill.run(cfg, out, args.teacher_checkpoint)
     elif command == "squeeze":
@@ -150,9 +203,8 @@ def run_stage(args) -> int:
         recover.run(cfg, out, inputs["teacher"], inputs["stats"])
     else:
         results = evaluate.run(cfg, out, inputs["teacher"], inputs["sets"])
-        print(evaluate.summary_table(results["results"], results["teacher_accuracy"]), flush=True)
-    print(f"wrote {out.path}", flush=True)
-    return 0
+        if out.main:
+            print(evaluate.summary_table(results["results"], results["teacher_accuracy"]), flush=True)
 
 
 def run_show(args) -> int:

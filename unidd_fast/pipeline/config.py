@@ -107,6 +107,8 @@ class Config:
     device: str = "auto"
     threads: int = 0            # CPU threads of torch; 0 = torch's default. Small models run
                                 # fastest on one thread, and far faster when cores are shared.
+    checkpoint_every: float = 300.0  # seconds between epoch checkpoints of squeeze/evaluate
+                                     # (0: every epoch); recover checkpoints every class-batch
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -278,6 +280,91 @@ def load(path) -> Config:
     except json.JSONDecodeError as exc:
         raise ConfigError(f"{path} is not valid JSON ({exc}); rerun the stage that wrote it") from None
     return from_dict(raw)
+
+
+# What every value must satisfy: (test, what to give instead). Checked before any work.
+def _positive(v):
+    return v > 0
+
+
+def _non_negative(v):
+    return v >= 0
+
+
+def _fraction(v):
+    return 0 < v <= 1
+
+
+def _momentum(v):
+    return 0 <= v < 1
+
+
+RULES: dict[str, tuple] = {
+    "ipc": (lambda v: len(v) > 0 and min(v) >= 1, "one or more integers >= 1 (e.g. --ipc 1,10)"),
+    "seeds": (lambda v: len(v) > 0 and min(v) >= 0, "one or more integers >= 0 (e.g. --seeds 0,1)"),
+    "threads": (_non_negative, "a thread count >= 0 (0: torch's default)"),
+    "checkpoint_every": (_non_negative, "seconds >= 0 between checkpoints (0: every epoch)"),
+    "data.image_size": (_positive, "an image side >= 1 pixel"),
+    "data.channels": (lambda v: v in (1, 3), "1 (grey) or 3 (RGB)"),
+    "data.std": (lambda v: all(s > 0 for s in v), "standard deviations > 0"),
+    "data.resize_ratio": (lambda v: v >= 1, "a ratio >= 1 (resize the short side to image_size·ratio, then crop)"),
+    "data.test_size": (lambda v: 0 < v < 1, "a fraction in (0, 1)"),
+    "data.workers": (_non_negative, "a worker count >= 0"),
+    "model.width": (_positive, "a channel count >= 1"),
+    "model.depth": (_positive, "a block count >= 1"),
+    "squeeze.epochs": (_non_negative, "an epoch count >= 0"),
+    "squeeze.lr": (_positive, "a learning rate > 0"),
+    "squeeze.momentum": (_momentum, "a momentum in [0, 1)"),
+    "squeeze.weight_decay": (_non_negative, "a weight decay >= 0"),
+    "squeeze.batch_size": (_positive, "a batch size >= 1"),
+    "squeeze.step_epochs": (_positive, "an epoch count >= 1"),
+    "squeeze.crop_min": (_fraction, "an area fraction in (0, 1]"),
+    "recover.iterations": (_non_negative, "an iteration count >= 0"),
+    "recover.lr": (_positive, "a learning rate > 0"),
+    "recover.betas": (lambda v: len(v) == 2 and all(0 <= b < 1 for b in v), "two Adam betas in [0, 1), e.g. 0.5,0.9"),
+    "recover.batch_size": (_positive, "a class count >= 1 per class-batch"),
+    "recover.beta": (_positive, "a regularisation β > 0 (the paper uses 0.1 or 1)"),
+    "recover.beta_min": (_positive, "a floor β_min > 0 for the β curriculum"),
+    "recover.eta": (_non_negative, "a loss weight η >= 0"),
+    "recover.r_bn": (_non_negative, "a BN-matching weight >= 0"),
+    "recover.first_bn_multiplier": (_non_negative, "a multiplier >= 0"),
+    "recover.crop_min": (_fraction, "an area fraction in (0, 1]"),
+    "recover.shift": (lambda v: 0 <= v <= 0.5, "a fraction of the image side in [0, 0.5]"),
+    "evaluate.epochs": (_non_negative, "an epoch count >= 0"),
+    "evaluate.lr": (_positive, "a learning rate > 0"),
+    "evaluate.momentum": (_momentum, "a momentum in [0, 1)"),
+    "evaluate.weight_decay": (_non_negative, "a weight decay >= 0"),
+    "evaluate.batch_size": (_positive, "a batch size >= 1"),
+    "evaluate.temperature": (_positive, "a KD temperature > 0"),
+    "evaluate.cutmix": (lambda v: 0 <= v <= 1, "a probability in [0, 1]"),
+    "evaluate.crop_min": (_fraction, "an area fraction in (0, 1]"),
+}
+FLAGS = {"ipc": "--ipc", "seeds": "--seeds", "recover.iterations": "--iterations"}
+
+
+def get_value(cfg: Config, key: str):
+    section, _, name = key.partition(".")
+    return getattr(getattr(cfg, section), name) if name else getattr(cfg, section)
+
+
+def validate(cfg: Config) -> None:
+    """Raise ConfigError for the first value out of its valid range (RULES), and for
+    combinations that cannot work, saying what to change."""
+    for key, (ok, wanted) in RULES.items():
+        value = get_value(cfg, key)
+        if not ok(value):
+            shown = ",".join(str(v) for v in value) if isinstance(value, (list, tuple)) else value
+            how = f"{FLAGS[key]} or --set {key}=..." if key in FLAGS else f"--set {key}=..."
+            raise ConfigError(f"{key}={shown} is invalid: expected {wanted}; change it with {how}")
+    data, model = cfg.data, cfg.model
+    if data.mean and len(data.mean) != data.channels or data.std and len(data.std) != data.channels:
+        raise ConfigError(f"data.mean/data.std need {data.channels} values (one per channel), got {data.mean} / "
+                          f"{data.std}: --set data.mean=...,... --set data.std=...,...")
+    archs = {model.arch, cfg.evaluate.arch or model.arch}
+    if "convnet" in archs and data.image_size % 2**model.depth:
+        raise ConfigError(f"convnet with model.depth={model.depth} halves the image {model.depth} times: "
+                          f"data.image_size={data.image_size} must be a multiple of {2**model.depth} "
+                          "(change data.image_size or model.depth)")
 
 
 def parse_assignment(text: str) -> tuple[str, str]:

@@ -9,6 +9,7 @@ other methods' outputs are evaluated the same way.
 """
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -19,15 +20,18 @@ from torch import nn
 from torchvision import transforms as T
 from torchvision.datasets.folder import IMG_EXTENSIONS, make_dataset
 
+from .. import distributed
 from ..errors import ConfigError
 from ..progress import progress
 from ..reference import acc_dtype
 from .augment import cutmix, make_augment
+from .checkpoint import EpochCheckpoint
+from .checks import check_teacher
 from .config import Config
 from .datasets import Batches, Data, ImageList, TensorImages, image_loader, prepare_data
 from .models import build_model, load_teacher
 from .recover import DISTILLED_FILE
-from .rundir import RunDir
+from .rundir import RunDir, write_json
 from .train import accuracy, fit, lr_at, make_generator, make_optimizer, seeded, setup_device
 
 IN_MEMORY_BYTES = 2**31  # distilled sets larger than this (as uint8) are streamed from disk
@@ -91,34 +95,62 @@ def load_distilled(path, data: Data) -> tuple[torch.utils.data.Dataset, int]:
 
 
 def train_student(student: nn.Module, teacher: nn.Module, distilled, cfg: Config, device, seed: int,
-                  desc: str = "evaluate", log=None) -> float:
-    """Online KD of ``student`` from ``teacher`` on ``distilled`` (cfg.evaluate settings)."""
+                  desc: str = "evaluate", log=None, checkpoint_path=None) -> float:
+    """Online KD of ``student`` from ``teacher`` on ``distilled`` (cfg.evaluate settings),
+    resumable from and checkpointed into ``checkpoint_path`` (every cfg.checkpoint_every s).
+
+    Under torchrun: DistributedDataParallel. Every rank draws the same global batch and the
+    same augmentation (one generator state on all ranks, so one checkpoint serves all), then
+    trains on its slice ``x[rank::world]``; the averaged gradients are those of the global
+    batch. BatchNorm sees the slice (SyncBatchNorm on GPUs; it has no CPU implementation)."""
     ev = cfg.evaluate
+    here = distributed.info()
     aug = make_augment(ev.augment, ev.crop_min)
     generator = make_generator(device, seed)
-    train = Batches(distilled, ev.batch_size, shuffle=True, generator=make_generator(torch.device("cpu"), seed),
-                    device=device, workers=cfg.data.workers)
+    shuffle = make_generator(torch.device("cpu"), seed)
+    world, rank = here.world_size, here.rank
+    # a last batch smaller than the world would leave a rank without images
+    short_tail = 0 < len(distilled) % min(ev.batch_size, len(distilled)) < world
+    train = Batches(distilled, ev.batch_size, shuffle=True, generator=shuffle, device=device,
+                    workers=cfg.data.workers, drop_last=short_tail)
     optimizer = make_optimizer(student.parameters(), ev.optimizer, ev.lr, ev.momentum, ev.weight_decay)
+    model = student
+    if world > 1:
+        if min(ev.batch_size, len(distilled)) < world:
+            raise ConfigError(f"evaluate.batch_size={ev.batch_size} (or the set's {len(distilled)} images) is smaller "
+                              f"than the {world} torchrun processes: raise evaluate.batch_size or use fewer processes")
+        if device.type == "cuda":
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(student)
+        ids = [torch.cuda.current_device()] if device.type == "cuda" else None  # init() set this rank's GPU
+        model = nn.parallel.DistributedDataParallel(model, device_ids=ids)
     teacher.eval()
 
     def loss_fn(x, _labels):
         x = cutmix(aug(x, generator), ev.cutmix, generator)
+        if world > 1:
+            x = x[rank::world]
         with torch.no_grad():
             target = teacher(x)
-        return kd_loss(student(x), target, ev.temperature)
+        return kd_loss(model(x), target, ev.temperature)
 
-    return fit(student, train, ev.epochs, optimizer, lambda step, total: lr_at(ev.lr, step, total), loss_fn, desc, log)
+    checkpoint = None
+    if checkpoint_path is not None:
+        checkpoint = EpochCheckpoint(checkpoint_path, {"augment": generator, "shuffle": shuffle}, cfg.checkpoint_every,
+                                     write=here.is_main, log=log)
+    return fit(model, train, ev.epochs, optimizer, lambda step, total: lr_at(ev.lr, step, total), loss_fn, desc, log,
+               checkpoint)
 
 
 def evaluate_set(cfg: Config, data: Data, teacher: nn.Module, spec: dict, path, seed: int, device,
-                 log=None, label: str = "") -> tuple[float, int]:
+                 log=None, label: str = "", checkpoint_path=None) -> tuple[float, int]:
     """(test top-1 of a student trained on the distilled set at ``path``, its image count)."""
     distilled, count = load_distilled(path, data)
     arch = cfg.evaluate.arch or spec["arch"]
     with seeded(seed):
         student = build_model(arch, data.num_classes, data.image_size, data.channels, spec["width"],
                               spec["depth"]).to(device)
-    train_student(student, teacher, distilled, cfg, device, seed, desc=f"evaluate {label}".strip(), log=log)
+    train_student(student, teacher, distilled, cfg, device, seed, desc=f"evaluate {label}".strip(), log=log,
+                  checkpoint_path=checkpoint_path)
     return accuracy(student, Batches(data.test, 256, device=device, workers=cfg.data.workers)), count
 
 
@@ -131,29 +163,57 @@ def _describe(entry: dict | str, data: Data, seeds: list) -> list[dict]:
     return [{"method": name, "ipc": None, "seed": s, "path": str(entry)} for s in seeds]
 
 
+def _input_file(path) -> str:
+    """The file that holds a distilled set, where there is one (for the run's fingerprint)."""
+    path = Path(path).expanduser()
+    return str(path / DISTILLED_FILE) if (path / DISTILLED_FILE).is_file() else str(path)
+
+
 def run(cfg: Config, out: RunDir, teacher_path, distilled: list) -> dict:
-    """Evaluate every distilled set in ``distilled`` (records from recover, or paths)."""
+    """Evaluate every distilled set in ``distilled`` (records from recover, or paths).
+
+    Resumable: each finished set's record is kept in ``checkpoints/evaluate/set{i}.json``
+    and the set in training has an epoch checkpoint beside it, so a rerun into the same
+    directory skips the finished sets and continues the current one."""
     device = setup_device(cfg)
     data = prepare_data(cfg)
-    out.write_config(cfg)
     teacher, spec = load_teacher(teacher_path, device)
+    check_teacher(spec, data)
     teacher.requires_grad_(False)
-    if spec["num_classes"] != data.num_classes:
-        raise ConfigError(f"the teacher has {spec['num_classes']} classes, the dataset {data.num_classes}")
-    teacher_acc = accuracy(teacher, Batches(data.test, 256, device=device, workers=cfg.data.workers))
+    jobs = [job for entry in distilled for job in _describe(entry, data, cfg.seeds)]
+    inputs = {"teacher": teacher_path, "distilled": list(dict.fromkeys(_input_file(j["path"]) for j in jobs))}
+    if (done := out.start("evaluate", cfg, inputs)) is not None:
+        return done
+    here = distributed.info()
+    progress_dir = out.path / "checkpoints" / "evaluate"
+    teacher_file = progress_dir / "teacher.json"
+    if teacher_file.is_file():
+        teacher_acc = json.loads(teacher_file.read_text())["accuracy"]
+    else:
+        teacher_acc = accuracy(teacher, Batches(data.test, 256, device=device, workers=cfg.data.workers))
+        if here.is_main:
+            write_json(teacher_file, {"accuracy": teacher_acc})
     out.log(f"evaluate: teacher top-1 {100 * teacher_acc:.2f}%")
     records = []
-    jobs = [job for entry in distilled for job in _describe(entry, data, cfg.seeds)]
-    for job in progress(jobs, desc="evaluate sets"):
+    for i, job in enumerate(progress(jobs, desc="evaluate sets")):
+        record_file = progress_dir / f"set{i:03d}.json"
+        if record_file.is_file():
+            records.append(json.loads(record_file.read_text()))
+            out.log(f"evaluate {job['method']} seed={job['seed']}: finished before, top-1 "
+                    f"{100 * records[-1]['accuracy']:.2f}%")
+            continue
         label = f"{job['method']} ipc={job['ipc']} seed={job['seed']}"
-        acc, count = evaluate_set(cfg, data, teacher, spec, job["path"], job["seed"], device, out.log, label)
+        acc, count = evaluate_set(cfg, data, teacher, spec, job["path"], job["seed"], device, out.log, label,
+                                  checkpoint_path=progress_dir / f"set{i:03d}.pt")
         ipc = job["ipc"] if job["ipc"] is not None else round(count / data.num_classes)
         records.append({"method": job["method"], "ipc": ipc, "seed": job["seed"], "accuracy": acc})
+        if here.is_main:
+            write_json(record_file, records[-1])
+            (progress_dir / f"set{i:03d}.pt").unlink(missing_ok=True)
         out.log(f"evaluate {job['method']} ipc={ipc} seed={job['seed']}: top-1 {100 * acc:.2f}%")
-        out.write_results({"teacher_accuracy": teacher_acc, "results": records})
     results = {"teacher_accuracy": teacher_acc, "results": records,
                "artifacts": {"teacher": str(teacher_path), "distilled": [str(j["path"]) for j in jobs]}}
-    out.write_results(results)
+    out.finish(results)
     return results
 
 

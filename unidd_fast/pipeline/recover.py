@@ -17,6 +17,7 @@ A regulariser is called as ``reg(targets)`` after ``model(x)`` and has ``set_cur
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -28,11 +29,14 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ..errors import ConfigError
+from .. import distributed
+from ..errors import ConfigError, NonFiniteError, NotPositiveDefiniteError
 from ..loss import CFMLoss
 from ..progress import progress
 from ..real_stats import RealStats, atomic_write
 from .augment import Augment, make_augment
+from .checkpoint import RecoverCheckpoint
+from .checks import check_stats, check_teacher
 from .config import Config, RecoverConfig
 from .datasets import Data, prepare_data
 from .models import load_teacher
@@ -40,6 +44,7 @@ from .rundir import RunDir
 from .train import lr_at, make_generator, setup_device, set_lr
 
 DISTILLED_FILE = "distilled.safetensors"
+CHECK_EVERY = 50  # GPU: steps between two reads of the finite flags (each read waits for the device)
 
 
 @dataclass(frozen=True)
@@ -117,32 +122,87 @@ def recover_step(images: torch.Tensor, targets: torch.Tensor, model: nn.Module, 
 
 def recover_class_batch(init: torch.Tensor, targets: torch.Tensor, model: nn.Module, regularizer,
                         rc: RecoverConfig, augment: Augment, generator: torch.Generator | None,
-                        lo: torch.Tensor, hi: torch.Tensor, desc: str = "iterations"):
+                        lo: torch.Tensor, hi: torch.Tensor, desc: str = "iterations", check_every: int | None = None):
     """Optimise one class-batch from ``init`` for ``rc.iterations`` steps of Adam with a
-    cosine learning rate. Returns (images detached, last CE, last regulariser)."""
+    cosine learning rate. Returns (images detached, last CE, last regulariser).
+
+    Every step records on the device whether its loss and the updated images are finite;
+    the record is read every ``check_every`` steps (default: every step on the CPU, where a
+    read costs nothing, every CHECK_EVERY steps on a GPU, so steps never wait for the host)
+    and after the last. NonFiniteError names the first iteration that went wrong."""
     images = init.detach().clone().requires_grad_(True)
     optimizer = torch.optim.Adam([images], lr=rc.lr, betas=tuple(rc.betas))
     ce = reg = torch.full((), float("nan"))
+    if check_every is None:
+        check_every = 1 if images.device.type == "cpu" else CHECK_EVERY
+    finite = torch.ones(max(rc.iterations, 1), 2, dtype=torch.bool, device=images.device)
     for it in progress(range(rc.iterations), desc=desc):
         set_lr(optimizer, lr_at(rc.lr, it, rc.iterations))
-        ce, reg = recover_step(images, targets, model, regularizer, optimizer, augment, generator, lo, hi)
+        try:
+            ce, reg = recover_step(images, targets, model, regularizer, optimizer, augment, generator, lo, hi)
+        except (NonFiniteError, NotPositiveDefiniteError) as exc:
+            raise type(exc)(f"iteration {it + 1}/{rc.iterations}: {exc}") from exc
+        finite[it, 0] = torch.isfinite(ce) & torch.isfinite(reg)
+        finite[it, 1] = torch.isfinite(images.detach()).all()
+        if (it + 1) % check_every == 0 or it + 1 == rc.iterations:
+            _raise_if_not_finite(finite[: it + 1], rc.iterations)
     return images.detach(), ce, reg
+
+
+def _raise_if_not_finite(finite: torch.Tensor, iterations: int) -> None:
+    """finite (steps, 2): per step, (loss finite, images finite after the update)."""
+    if bool(finite.all()):
+        return
+    it, column = (int(v) for v in torch.nonzero(~finite)[0])
+    what = ("the loss (cross-entropy + regulariser) is NaN/Inf" if column == 0 else
+            "the synthetic images became NaN/Inf in the update")
+    raise NonFiniteError(f"iteration {it + 1}/{iterations}: {what}; lower recover.lr (--set recover.lr=...) or "
+                         "check the teacher and the statistics")
+
+
+def batch_seed(seed: int, index: int, stream: str = "augment") -> int:
+    """Seed of class-batch ``index``'s own random stream: every class-batch draws from a
+    stream of its own, so a resumed run, or one whose class-batches are dealt across ranks,
+    replays the draws of an uninterrupted single-process run."""
+    digest = hashlib.sha256(f"unidd-recover/{seed}/{index}/{stream}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
 
 
 def recover_set(model: nn.Module, regularizer, plan: list[ClassBatch], init: Callable[[ClassBatch], torch.Tensor],
                 rc: RecoverConfig, ipc: int, augment: Augment, generator: torch.Generator | None,
-                lo: torch.Tensor, hi: torch.Tensor, on_batch: Callable, desc: str = "recover") -> None:
-    """Recover every class-batch of ``plan``; ``on_batch(cb, images, ce, reg)`` after each."""
+                lo: torch.Tensor, hi: torch.Tensor, on_batch: Callable, desc: str = "recover",
+                seed: int | None = None, rounds: list | None = None, fold: Callable | None = None) -> None:
+    """Recover class-batches of ``plan``; ``on_batch(cb, images, ce, reg)`` after each round.
+
+    seed: reseed ``generator`` with ``batch_seed(seed, cb.index)`` before each class-batch.
+    rounds: the class-batches this process runs, one per round, None for a round it sits out
+      (torchrun: ``distributed.shard_rounds``); default every batch of ``plan`` in order.
+    fold: called at the end of every round in place of ``regularizer.next_batch()``
+      (torchrun: ``distributed.merge_emu``, a collective); on_batch then gets cb None for a
+      round without a batch.
+    NaN/Inf and non-positive-definite errors are re-raised naming the class-batch."""
     active = regularizer if rc.iterations > 0 else None
+    if fold is None and active is not None:
+        fold = active.next_batch
     device = lo.device
-    for cb in progress(plan, desc=desc):
-        if active is not None:
-            active.set_curriculum(*curriculum(cb, len(plan), ipc, rc.beta_per))
-        targets = cb.classes.to(device)
-        images, ce, reg = recover_class_batch(init(cb).to(device), targets, model, active, rc, augment, generator,
-                                              lo, hi, desc=f"{desc} batch {cb.index + 1}/{len(plan)}")
-        if active is not None:
-            active.next_batch()
+    for cb in progress(plan if rounds is None else rounds, desc=desc):
+        images = ce = reg = None
+        if cb is not None:
+            if seed is not None and generator is not None:
+                generator.manual_seed(batch_seed(seed, cb.index))
+            if active is not None:
+                active.set_curriculum(*curriculum(cb, len(plan), ipc, rc.beta_per))
+            targets = cb.classes.to(device)
+            try:
+                images, ce, reg = recover_class_batch(init(cb).to(device), targets, model, active, rc, augment,
+                                                      generator, lo, hi,
+                                                      desc=f"{desc} batch {cb.index + 1}/{len(plan)}")
+            except (NonFiniteError, NotPositiveDefiniteError) as exc:
+                classes = cb.classes.tolist()
+                raise type(exc)(f"recover, class-batch {cb.index + 1}/{len(plan)} (ipc index {cb.ipc_index}, "
+                                f"classes {classes[0]}..{classes[-1]}), {exc}") from exc
+        if fold is not None:
+            fold()
         on_batch(cb, images, ce, reg)
 
 
@@ -177,7 +237,11 @@ class SetWriter:
         return self.root / "batches" / f"ipc{cb.ipc_index:03d}_batch{cb.index:04d}.safetensors"
 
     def write(self, cb: ClassBatch, images: torch.Tensor) -> None:
-        pixels = to_pixels(images, self.mean, self.std)
+        self.write_pixels(cb, to_pixels(images, self.mean, self.std))
+
+    def write_pixels(self, cb: ClassBatch, pixels: torch.Tensor) -> None:
+        """The class-batch's images (k, C, H, W) in [0, 1]; the batch file last, so that its
+        presence means the whole class-batch is on disk."""
         for c, image in zip(cb.classes.tolist(), pixels):
             save_image(self.root / f"new{c:03d}" / f"class{c:03d}_id{cb.ipc_index:03d}.{self.ext}", image, self.fmt)
         tensors = {"images": pixels.contiguous(), "labels": cb.classes.clone()}
@@ -202,56 +266,119 @@ def method_name(rc: RecoverConfig) -> str:
 
 def recover_one(cfg: Config, data: Data, model: nn.Module, stats: RealStats | None, root: Path, ipc: int,
                 seed: int, device, log=None) -> dict:
-    """Recover one distilled set (``ipc`` images per class, ``seed``) into ``root``."""
+    """Recover one distilled set (``ipc`` images per class, ``seed``) into ``root``.
+
+    Resumable: ``checkpoints/`` holds the progress (RecoverCheckpoint), so a rerun skips the
+    finished class-batches and continues with the EMU state they left; every class-batch
+    draws from its own random stream (``batch_seed``), so the result is bit for bit that of
+    an uninterrupted run on the CPU. Under torchrun the class-batches are dealt round-robin
+    across ranks and the EMU is merged after every round (``distributed.merge_emu``)."""
     rc = cfg.recover
     if rc.loss == "none":  # the baseline is the initial images themselves
         rc = dataclasses.replace(rc, iterations=0)
+    method = method_name(rc)
+    record = {"method": method, "ipc": ipc, "seed": seed, "path": str(Path(root) / DISTILLED_FILE)}
+    say = log or (lambda message: None)
+    name = f"recover {method} ipc={ipc} seed={seed}"
+    if (Path(root) / DISTILLED_FILE).is_file():
+        say(f"{name}: already finished")
+        return record
+    here = distributed.info()
     init_kind = rc.init or ("noise" if rc.loss == "sre2l" else "real")
     plan = plan_class_batches(data.num_classes, ipc, rc.batch_size)
-    cpu_gen = make_generator(torch.device("cpu"), seed)
     if init_kind == "real":
-        picks = pick_real(data.train_labels, data.num_classes, ipc, cpu_gen)
+        picks = pick_real(data.train_labels, data.num_classes, ipc, make_generator(torch.device("cpu"), seed))
 
         def init(cb):
             return data.train_images(picks[cb.ipc_index, cb.classes])
     else:
         def init(cb):
-            return torch.randn(len(cb.classes), data.channels, data.image_size, data.image_size, generator=cpu_gen)
+            noise = make_generator(torch.device("cpu"), batch_seed(seed, cb.index, "init"))
+            return torch.randn(len(cb.classes), data.channels, data.image_size, data.image_size, generator=noise)
 
     writer = SetWriter(root, data.mean, data.std, rc.image_format)
-
-    def on_batch(cb, images, ce, reg):
-        writer.write(cb, images)
-        if log is not None and rc.iterations > 0:
-            log(f"recover {method_name(rc)} ipc={ipc} seed={seed}: class-batch {cb.index + 1}/{len(plan)} "
-                f"ce {float(ce):.4f} reg {float(reg):.4f}")
-
+    checkpoint = RecoverCheckpoint(Path(root) / "checkpoints", here.rank, here.world_size)
     regularizer = make_regularizer(rc, model, stats)
-    lo, hi = pixel_bounds(data.mean, data.std, device)
     try:
-        recover_set(model, regularizer, plan, init, rc, ipc, make_augment("recover", rc.crop_min, rc.shift),
-                    make_generator(device, seed), lo, hi, on_batch, desc=f"recover ipc={ipc} seed={seed}")
+        done, state, step = _resume(checkpoint, regularizer, writer, plan, device, name, say)
+        remaining = plan[done:]
+        rounds = [None if i is None else remaining[i]
+                  for i in distributed.shard_rounds(len(remaining), here.rank, here.world_size)]
+        finished = [done]
+
+        def on_batch(cb, images, ce, reg):
+            finished[0] = min(finished[0] + here.world_size, len(plan))
+            pixels = None if cb is None else to_pixels(images, data.mean, data.std)
+            checkpoint.save(finished[0], _state(regularizer), getattr(regularizer, "step", 0),
+                            None if cb is None else cb.index, pixels)
+            if cb is not None:
+                writer.write_pixels(cb, pixels)
+                say(f"{name}: class-batch {cb.index + 1}/{len(plan)}" +
+                    (f" ce {float(ce):.4f} reg {float(reg):.4f}" if rc.iterations > 0 else ""))
+
+        fold = None
+        if here.world_size > 1 and isinstance(regularizer, CFMLoss):
+            def fold():
+                distributed.merge_emu(regularizer)
+        lo, hi = pixel_bounds(data.mean, data.std, device)
+        augment = make_augment("recover", rc.crop_min, rc.shift)
+        recover_set(model, regularizer, plan, init, rc, ipc, augment, make_generator(device, seed), lo, hi,
+                    on_batch, desc=name, seed=seed, rounds=rounds, fold=fold)
     finally:
         if regularizer is not None:
             regularizer.remove()
-    method = method_name(rc)
-    path = writer.finish(plan, {"method": method, "ipc": ipc, "seed": seed, "num_classes": data.num_classes})
-    return {"method": method, "ipc": ipc, "seed": seed, "path": str(path)}
+    distributed.barrier()  # every rank's class-batches are on disk
+    if here.is_main:
+        writer.finish(plan, {"method": method, "ipc": ipc, "seed": seed, "num_classes": data.num_classes})
+        checkpoint.remove()
+    distributed.barrier()
+    return record
+
+
+def _state(regularizer) -> dict[str, torch.Tensor]:
+    """The regulariser's EMU state (CFMLoss), {} for one without (BN matching, none)."""
+    return regularizer.state_dict() if hasattr(regularizer, "state_dict") else {}
+
+
+def _resume(checkpoint: RecoverCheckpoint, regularizer, writer: SetWriter, plan: list[ClassBatch], device,
+            name: str, say) -> tuple[int, dict, int]:
+    """Restore the regulariser from the checkpoint, write the images of a class-batch the
+    kill came before, and return (class-batches done, EMU state, step)."""
+    done, state, step, pending = checkpoint.load(device)
+    if not done:
+        return 0, {}, 0
+    if state is not None:
+        regularizer.load_state_dict(state)
+    if hasattr(regularizer, "step"):
+        regularizer.step = step
+    if checkpoint.rank == 0:
+        for index, pixels in pending:
+            if not writer.batch_file(plan[index]).is_file():
+                writer.write_pixels(plan[index], pixels)
+    checkpoint.rebase(done, _state(regularizer), step)
+    say(f"{name}: resuming after class-batch {done}/{len(plan)} (class-batches 1..{done} are on disk and are "
+        "not recomputed)")
+    return done, state or {}, step
 
 
 def run(cfg: Config, out: RunDir, teacher_path, stats_path=None) -> dict:
     """Recover a distilled set per (ipc, seed) of the config. With one ipc and one seed the
-    set is written into ``out`` itself, otherwise into ``out/ipc{ipc}_seed{seed}``."""
+    set is written into ``out`` itself, otherwise into ``out/ipc{ipc}_seed{seed}``.
+    Rerun into the same ``out``, it resumes (see ``recover_one``)."""
     device = setup_device(cfg)
     data = prepare_data(cfg)
-    out.write_config(cfg)
-    model, _ = load_teacher(teacher_path, device)
+    if cfg.recover.loss == "cfm" and not stats_path:
+        raise ConfigError("recover --loss cfm needs real statistics: --from a stats run or --stats FILE")
+    model, spec = load_teacher(teacher_path, device)
+    check_teacher(spec, data)
     model.requires_grad_(False)
     stats = None
     if cfg.recover.loss == "cfm":
-        if not stats_path:
-            raise ConfigError("recover --loss cfm needs real statistics: --from a stats run or --stats FILE")
         stats = RealStats.load(stats_path, device)
+        check_stats(stats, data)
+    inputs = {"teacher": teacher_path, "stats": stats_path if cfg.recover.loss == "cfm" else None}
+    if (done := out.start("recover", cfg, inputs)) is not None:
+        return done
     many = len(cfg.ipc) * len(cfg.seeds) > 1
     sets = []
     for ipc in cfg.ipc:
@@ -263,5 +390,5 @@ def run(cfg: Config, out: RunDir, teacher_path, stats_path=None) -> dict:
     if stats_path:
         artifacts["stats"] = str(stats_path)
     results = {"sets": sets, "artifacts": artifacts}
-    out.write_results(results)
+    out.finish(results)
     return results

@@ -1,16 +1,45 @@
 """Run directories: every stage writes ``config.json`` (the resolved configuration),
 ``log.txt`` and ``results.json`` (metrics and ``artifacts``: absolute paths of the files
-this stage made and those it was given, so ``--from DIR`` finds everything upstream)."""
+this stage made and those it was given, so ``--from DIR`` finds everything upstream).
+
+A stage claims its directory with ``start`` and seals it with ``finish``; ``run.json``
+records the stage, a fingerprint of its input files and whether it finished. Running a
+stage again into the same directory resumes it (or returns the finished results at once);
+a different stage, configuration or input file is refused with the differing keys named,
+unless ``force``, which deletes what the stage wrote there and starts over.
+
+Under torchrun every rank checks, only rank 0 writes.
+"""
 from __future__ import annotations
 
+import hashlib
 import json
+import shutil
 import sys
 import time
 from pathlib import Path
 
+from .. import distributed
 from ..errors import ConfigError
 from ..real_stats import atomic_write
-from .config import Config
+from .config import Config, validate
+
+RUN_FILE = "run.json"
+# Keys that change how a stage runs, not what it computes: resuming with other values is fine.
+RUNTIME_KEYS = frozenset({"device", "threads", "checkpoint_every", "data.workers", "recover.backend"})
+# What each stage's result depends on (config sections or keys); "distill" compares everything.
+STAGE_KEYS = {
+    "squeeze": ("data", "model", "squeeze", "seeds"),
+    "stats": ("data", "model", "recover.sites"),
+    "recover": ("data", "model", "recover", "ipc", "seeds"),
+    "evaluate": ("data", "model", "evaluate", "seeds"),
+}
+# What the stages write into a run directory; ``force`` deletes these and nothing else.
+WRITTEN = ("config.json", "results.json", RUN_FILE, "summary.json", "checkpoints", "batches", "show",
+           "distilled.safetensors", "teacher.safetensors", "stats.safetensors", "squeeze", "stats", "recover",
+           "evaluate")
+WRITTEN_GLOBS = ("new[0-9][0-9][0-9]", "ipc*_seed*")
+HASH_LIMIT = 2**30  # input files up to this size are fingerprinted by content, larger ones by size and mtime
 
 
 def write_json(path, obj) -> None:
@@ -18,17 +47,73 @@ def write_json(path, obj) -> None:
     atomic_write(Path(path), lambda tmp: Path(tmp).write_text(text + "\n"))
 
 
+def flatten(raw: dict) -> dict:
+    """{"section.field" or top-level name: value} of a config dict."""
+    out = {}
+    for key, value in raw.items():
+        if isinstance(value, dict):
+            out.update({f"{key}.{k}": v for k, v in value.items()})
+        else:
+            out[key] = value
+    return out
+
+
+def config_diff(old: dict, new: dict, stage: str) -> list[str]:
+    """Keys (``section.field``) whose values differ between two config dicts, restricted to
+    what ``stage`` depends on; runtime keys and a not-yet-resolved normalisation are skipped."""
+    old, new = flatten(old), flatten(new)
+    prefixes = STAGE_KEYS.get(stage)
+    diff = []
+    for key in sorted(set(old) | set(new)):
+        if key in RUNTIME_KEYS:
+            continue
+        if prefixes is not None and not any(key == p or key.startswith(p + ".") for p in prefixes):
+            continue
+        a, b = old.get(key), new.get(key)
+        if key in ("data.mean", "data.std") and (not a or not b):
+            continue  # computed from the data (digits) once the data is read
+        if (list(a) if isinstance(a, (list, tuple)) else a) != (list(b) if isinstance(b, (list, tuple)) else b):
+            diff.append(key)
+    return diff
+
+
+def fingerprint(path) -> dict:
+    """What identifies an input file: its absolute path and content hash (size and mtime for
+    files over HASH_LIMIT; the path alone for a directory)."""
+    path = Path(path).expanduser().resolve()
+    if not path.is_file():
+        return {"path": str(path)}
+    size = path.stat().st_size
+    if size > HASH_LIMIT:
+        return {"path": str(path), "size": size, "mtime_ns": path.stat().st_mtime_ns}
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 22), b""):
+            digest.update(block)
+    return {"path": str(path), "sha256": digest.hexdigest()}
+
+
+def _show(value) -> str:
+    text = json.dumps(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
 class RunDir:
     """The output directory of one stage. ``log`` appends to ``log.txt`` (and to the
-    parent run's log), echoing to stderr unless ``quiet``."""
+    parent run's log), echoing to stderr unless ``quiet``. ``force`` (inherited by children)
+    makes ``start`` wipe an earlier run instead of resuming or refusing it."""
 
-    def __init__(self, path, quiet: bool = False, parent: "RunDir | None" = None):
+    def __init__(self, path, quiet: bool = False, parent: "RunDir | None" = None, force: bool = False):
         self.path = Path(path).expanduser().resolve()
-        self.path.mkdir(parents=True, exist_ok=True)
-        self.quiet, self.parent = quiet, parent
+        self.main = distributed.info().is_main
+        if self.main:
+            self.path.mkdir(parents=True, exist_ok=True)
+        self.quiet, self.parent, self.force = quiet, parent, force
         self.started = time.perf_counter()
 
     def log(self, message: str, echo: bool = True) -> None:
+        if not self.main:
+            return
         line = f"{time.strftime('%Y-%m-%d %H:%M:%S')} {message}"
         with open(self.path / "log.txt", "a") as handle:
             handle.write(line + "\n")
@@ -38,14 +123,99 @@ class RunDir:
             print(message, file=sys.stderr, flush=True)
 
     def write_config(self, cfg: Config) -> None:
-        cfg.write(self.path / "config.json")
+        if self.main:
+            cfg.write(self.path / "config.json")
 
     def write_results(self, results: dict) -> None:
-        results = dict(results, seconds=round(time.perf_counter() - self.started, 2))
-        write_json(self.path / "results.json", results)
+        if self.main:
+            results = dict(results, seconds=round(time.perf_counter() - self.started, 2))
+            write_json(self.path / "results.json", results)
 
     def child(self, name: str) -> "RunDir":
-        return RunDir(self.path / name, self.quiet, parent=self)
+        return RunDir(self.path / name, self.quiet, parent=self, force=self.force)
+
+    # --- resume / refuse / start over ----------------------------------------------------
+
+    def _read(self, name: str) -> dict | None:
+        file = self.path / name
+        if not file.is_file():
+            return None
+        try:
+            return json.loads(file.read_text())
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"{file} is not valid JSON ({exc}); rerun with --force to start over") from None
+
+    def clear(self) -> None:
+        """Delete what unidd-fast stages write here (``WRITTEN``); other files and log.txt stay."""
+        if not self.main:
+            return
+        doomed = [self.path / name for name in WRITTEN] + [p for g in WRITTEN_GLOBS for p in self.path.glob(g)]
+        for path in doomed:
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            elif path.exists() or path.is_symlink():
+                path.unlink()
+
+    def start(self, stage: str, cfg: Config, inputs: dict | None = None) -> dict | None:
+        """Claim this directory for ``stage`` with ``cfg`` and the input files ``inputs``
+        ({name: path or list of paths}). Returns the stored results if the same run finished
+        here before (nothing to do), else None after writing config.json and run.json.
+
+        Raises ConfigError naming the differing keys if the directory holds another stage,
+        configuration or input file, unless ``force`` (then it starts over)."""
+        validate(cfg)
+        prints = {name: ([fingerprint(p) for p in value] if isinstance(value, (list, tuple)) else fingerprint(value))
+                  for name, value in (inputs or {}).items() if value is not None}
+        before = self._read(RUN_FILE)
+        if before is not None and self.force:
+            self.log(f"{stage}: --force: deleting the earlier {before.get('stage')} run in {self.path}")
+            distributed.barrier()  # every rank has read run.json before rank 0 deletes it
+            self.clear()
+            before = None
+        if before is not None:
+            self._refuse_a_different_run(before, stage, cfg, prints)
+            if before.get("finished") and (results := self._read("results.json")) is not None:
+                self.log(f"{stage}: already finished in {self.path} with this configuration (--force to redo)")
+                return results
+            self.log(f"{stage}: resuming the run in {self.path}")
+        self.write_config(cfg)
+        if self.main:
+            write_json(self.path / RUN_FILE, {"stage": stage, "inputs": prints, "finished": False})
+        distributed.barrier()
+        return None
+
+    def _refuse_a_different_run(self, before: dict, stage: str, cfg: Config, prints: dict) -> None:
+        hint = "rerun with --force to delete it and start over, or choose another --out"
+        if before.get("stage") != stage:
+            raise ConfigError(f"{self.path} holds a `{before.get('stage')}` run, not `{stage}`: {hint}")
+        old = self._read("config.json") or {}
+        new = cfg.to_dict()
+        flat_old, flat_new = flatten(old), flatten(new)
+        changes = [f"{k}: {_show(flat_old.get(k))} -> {_show(flat_new.get(k))}" for k in config_diff(old, new, stage)]
+        old_inputs = before.get("inputs", {})
+        for name in sorted(set(old_inputs) | set(prints)):
+            if old_inputs.get(name) != prints.get(name):
+                changes.append(f"input {name}: {_describe_change(old_inputs.get(name), prints.get(name))}")
+        if changes:
+            raise ConfigError(f"{self.path} holds a `{stage}` run with a different configuration "
+                              f"({'; '.join(changes)}): {hint}")
+
+    def finish(self, results: dict) -> None:
+        """Write results.json and mark the run finished (a rerun returns these results)."""
+        self.write_results(results)
+        if self.main:
+            run = self._read(RUN_FILE) or {}
+            write_json(self.path / RUN_FILE, dict(run, finished=True))
+
+
+def _describe_change(old, new) -> str:
+    """"a.safetensors -> b.safetensors", or "a.safetensors (its contents changed)"."""
+    def paths(value):
+        return [p["path"] for p in (value if isinstance(value, list) else [value])] if value else []
+
+    if old and new and paths(old) == paths(new):
+        return f"{', '.join(paths(new))} (its contents changed)"
+    return f"{', '.join(paths(old)) or 'none'} -> {', '.join(paths(new)) or 'none'}"
 
 
 def read_results(path) -> dict:

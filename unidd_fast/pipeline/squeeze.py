@@ -1,22 +1,29 @@
-"""Squeeze: train the teacher on the real training set (paper appendix Table 2)."""
+"""Squeeze: train the teacher on the real training set (paper appendix Table 2).
+Resumable: an epoch checkpoint in ``checkpoints/squeeze.pt`` while training runs."""
 from __future__ import annotations
 
 import torch.nn.functional as F
 
 from .augment import make_augment
+from .checkpoint import EpochCheckpoint
 from .config import Config
 from .datasets import Batches, Data, prepare_data
 from .models import build_from_spec, load_checkpoint, model_spec, save_teacher
 from .rundir import RunDir
 from .train import accuracy, fit, lr_at, make_generator, make_optimizer, setup_device, seeded
 
+CHECKPOINT = "checkpoints/squeeze.pt"
 
-def train_teacher(model, data: Data, cfg: Config, device, seed: int, log=None) -> float:
-    """SGD (or AdamW) with a cosine or step schedule and batch augmentation on ``device``."""
+
+def train_teacher(model, data: Data, cfg: Config, device, seed: int, log=None, checkpoint_path=None) -> float:
+    """SGD (or AdamW) with a cosine or step schedule and batch augmentation on ``device``;
+    resumable from, and checkpointed every ``cfg.checkpoint_every`` seconds into,
+    ``checkpoint_path`` (deleted once training ends)."""
     sq = cfg.squeeze
     aug = make_augment(sq.augment, sq.crop_min)
     generator = make_generator(device, seed)
-    train = Batches(data.train, sq.batch_size, shuffle=True, generator=make_generator("cpu", seed), device=device,
+    shuffle = make_generator("cpu", seed)
+    train = Batches(data.train, sq.batch_size, shuffle=True, generator=shuffle, device=device,
                     drop_last=True, workers=cfg.data.workers)
     optimizer = make_optimizer(model.parameters(), sq.optimizer, sq.lr, sq.momentum, sq.weight_decay)
     steps_per_epoch = len(train)
@@ -27,14 +34,23 @@ def train_teacher(model, data: Data, cfg: Config, device, seed: int, log=None) -
     def loss_fn(x, y):
         return F.cross_entropy(model(aug(x, generator)), y)
 
-    return fit(model, train, sq.epochs, optimizer, lr_fn, loss_fn, "squeeze", log)
+    checkpoint = None
+    if checkpoint_path is not None:
+        checkpoint = EpochCheckpoint(checkpoint_path, {"augment": generator, "shuffle": shuffle}, cfg.checkpoint_every,
+                                     log=log)
+    loss = fit(model, train, sq.epochs, optimizer, lr_fn, loss_fn, "squeeze", log, checkpoint)
+    if checkpoint is not None:
+        checkpoint.remove()
+    return loss
 
 
 def run(cfg: Config, out: RunDir, teacher_checkpoint=None) -> dict:
     """Train (or load, with ``teacher_checkpoint``) the teacher; write ``teacher.safetensors``."""
     device = setup_device(cfg)
     data = prepare_data(cfg)
-    out.write_config(cfg)
+    inputs = {"teacher_checkpoint": teacher_checkpoint} if teacher_checkpoint else {}
+    if (done := out.start("squeeze", cfg, inputs)) is not None:
+        return done
     spec = model_spec(cfg.model.arch, data.num_classes, data.image_size, data.channels, cfg.model.width,
                       cfg.model.depth)
     seed = cfg.seeds[0]
@@ -47,12 +63,12 @@ def run(cfg: Config, out: RunDir, teacher_checkpoint=None) -> dict:
     out.log(f"squeeze: {cfg.model.arch} on {data.name} ({len(data.train)} train / {len(data.test)} test images, "
             f"{data.num_classes} classes, {data.image_size}px), {cfg.squeeze.epochs} epochs on {device}")
     if cfg.squeeze.epochs > 0:
-        train_teacher(model, data, cfg, device, seed, out.log)
+        train_teacher(model, data, cfg, device, seed, out.log, out.path / CHECKPOINT)
     test = Batches(data.test, 256, device=device, workers=cfg.data.workers)
     acc = accuracy(model, test)
     out.log(f"squeeze: teacher top-1 {100 * acc:.2f}% on the test set")
     path = out.path / "teacher.safetensors"
     save_teacher(path, model, spec, {"test_accuracy": acc})
     results = {"teacher_accuracy": acc, "artifacts": {"teacher": str(path)}}
-    out.write_results(results)
+    out.finish(results)
     return results

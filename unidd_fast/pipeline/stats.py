@@ -1,26 +1,116 @@
-"""Stats: exact real statistics of the training set at every hook site of the teacher."""
+"""Stats: exact real statistics of the training set at every hook site of the teacher.
+
+The training set is read in order, in chunks of ``chunk_batches`` batches. After each chunk
+the running float64 moments of every site (count, mean, centred second moment, label sums)
+are written atomically to ``checkpoints/stats.safetensors``, so a rerun into the same
+directory continues after the last chunk written. Under torchrun every rank reads its
+shard of each chunk and ``collect_real_stats(distributed=True)`` merges them exactly; every
+rank holds the same moments, rank 0 writes.
+"""
 from __future__ import annotations
 
-from ..real_stats import collect_real_stats
+import json
+from pathlib import Path
+
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch.utils.data import DataLoader, Subset
+
+from .. import distributed
+from ..errors import ConfigError
+from ..real_stats import MomentAccumulator, RealStats, atomic_write, collect_real_stats
+from .checks import check_teacher
 from .config import Config
-from .datasets import Batches, prepare_data
+from .datasets import prepare_data
 from .models import load_teacher
 from .rundir import RunDir
 from .train import setup_device
 
+CHECKPOINT = "checkpoints/stats.safetensors"
+CHECKPOINT_FORMAT = "unidd_fast.stats_checkpoint/1"
+CHUNK_BATCHES = 200  # batches between two checkpoints (≈ 51k images at batch size 256)
+FIELDS = ("mean", "m2", "label_sum", "soft_sum")
 
-def run(cfg: Config, out: RunDir, teacher_path, batch_size: int = 256) -> dict:
+
+def moments_of(stats: RealStats) -> dict[str, MomentAccumulator]:
+    """The accumulators ``stats`` was finalised from (m2 = Ψ·count, label sums = Φ·images,
+    each to one float64 rounding)."""
+    out = {}
+    for name in stats.sites:
+        s, acc = stats[name], MomentAccumulator()
+        acc.count, acc.mean, acc.m2 = s.count, s.mu.double(), s.psi.double() * s.count
+        acc.label_sum, acc.soft_sum = s.phi.double() * stats.num_images, s.phi_soft.double() * stats.num_images
+        out[name] = acc
+    return out
+
+
+def save_progress(path: Path, acc: dict[str, MomentAccumulator], shapes: dict, position: int, num_images: int,
+                  model_class: str) -> None:
+    """Running moments after the first ``position`` training images (atomic)."""
+    tensors = {f"{name}/{f}": getattr(a, f).cpu().contiguous() for name, a in acc.items() for f in FIELDS}
+    meta = {"format": CHECKPOINT_FORMAT, "position": position, "num_images": num_images, "model_class": model_class,
+            "sites": list(acc), "counts": {n: a.count for n, a in acc.items()}, "shapes": shapes}
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"unidd": json.dumps(meta)}))
+
+
+def load_progress(path: Path, model_class: str) -> tuple[int, int, dict, dict]:
+    """(position, images so far, accumulators, shapes) from ``save_progress``; (0, 0, {}, {}) if none."""
+    if not path.is_file():
+        return 0, 0, {}, {}
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            meta = json.loads((handle.metadata() or {})["unidd"])
+            tensors = {k: handle.get_tensor(k) for k in handle.keys()}
+        if meta.get("format") != CHECKPOINT_FORMAT or meta["model_class"] != model_class:
+            raise ValueError(f"not a {CHECKPOINT_FORMAT} file of a {model_class}")
+    except Exception as exc:
+        raise ConfigError(f"cannot resume from {path} ({exc}); rerun with --force to start over") from exc
+    acc = {}
+    for name in meta["sites"]:
+        acc[name] = MomentAccumulator()
+        acc[name].count = meta["counts"][name]
+        for f in FIELDS:
+            setattr(acc[name], f, tensors[f"{name}/{f}"])
+    shapes = {k: tuple(v) for k, v in meta["shapes"].items()}
+    return meta["position"], meta["num_images"], acc, shapes
+
+
+def run(cfg: Config, out: RunDir, teacher_path, batch_size: int = 256, chunk_batches: int = CHUNK_BATCHES) -> dict:
     """Write ``stats.safetensors`` (RealStats of ``cfg.recover.sites``) for the teacher."""
     device = setup_device(cfg)
     data = prepare_data(cfg)
-    out.write_config(cfg)
-    teacher, _ = load_teacher(teacher_path, device)
-    loader = Batches(data.train, batch_size, device=device, workers=cfg.data.workers)
-    stats = collect_real_stats(teacher, loader, data.num_classes, sites=cfg.recover.sites, device=device)
+    teacher, spec = load_teacher(teacher_path, device)
+    check_teacher(spec, data)
+    if (done := out.start("stats", cfg, {"teacher": teacher_path})) is not None:
+        return done
+    here = distributed.info()
+    model_class = type(teacher).__name__
+    progress_file = out.path / CHECKPOINT
+    position, num_images, acc, shapes = load_progress(progress_file, model_class)
+    if position:
+        out.log(f"stats: resuming after {position} of {len(data.train)} training images")
+    chunk = batch_size * chunk_batches
+    for start in range(position, len(data.train), chunk):
+        part = Subset(data.train, range(start, min(start + chunk, len(data.train))))
+        loader = DataLoader(part, batch_size=batch_size, num_workers=cfg.data.workers,
+                            pin_memory=device.type == "cuda")
+        got = collect_real_stats(teacher, loader, data.num_classes, sites=cfg.recover.sites, device=device,
+                                 distributed=here.world_size > 1)
+        for name, moments in moments_of(got).items():
+            acc.setdefault(name, MomentAccumulator()).merge(moments)
+        shapes.update(got.shapes)
+        num_images += got.num_images
+        position = start + len(part)
+        if here.is_main and position < len(data.train):
+            save_progress(progress_file, acc, shapes, position, num_images, model_class)
+    stats = RealStats({n: a.finalize(num_images) for n, a in acc.items()}, shapes, model_class, num_images,
+                      data.num_classes)
     path = out.path / "stats.safetensors"
-    stats.save(path)
+    if here.is_main:
+        stats.save(path)
+        progress_file.unlink(missing_ok=True)
     out.log(f"stats: {len(stats)} sites ({cfg.recover.sites}) over {stats.num_images} images -> {path}")
     results = {"sites": stats.sites, "num_images": stats.num_images,
                "artifacts": {"teacher": str(teacher_path), "stats": str(path)}}
-    out.write_results(results)
+    out.finish(results)
     return results

@@ -8,7 +8,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from ..errors import ConfigError
+from ..errors import ConfigError, NonFiniteError
 from ..progress import progress
 from .datasets import Batches
 
@@ -74,14 +74,19 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
 
 def fit(model: nn.Module, batches: Batches, epochs: int, optimizer: torch.optim.Optimizer,
         lr_fn: Callable[[int, int], float], loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-        desc: str, log: Callable[[str], None] | None = None) -> float:
+        desc: str, log: Callable[[str], None] | None = None, checkpoint=None) -> float:
     """Train ``model`` for ``epochs`` passes over ``batches``; ``loss_fn(x, y)`` gives the
     loss of a batch, ``lr_fn(step, total)`` the learning rate. Returns the last epoch's mean
-    loss (read back once per epoch, so the steps themselves never wait for the device)."""
+    loss (read back once per epoch, so the steps themselves never wait for the device).
+
+    ``checkpoint`` (an EpochCheckpoint): resume from it, and save into it after epochs.
+    A non-finite epoch loss raises NonFiniteError (the last checkpoint is kept)."""
     model.train()
     total = epochs * len(batches)
-    step, mean_loss = 0, float("nan")
-    bar = progress(range(epochs), desc=desc)
+    bare = getattr(model, "module", model)  # DistributedDataParallel's module
+    start, step = checkpoint.load(bare, optimizer) if checkpoint is not None else (0, 0)
+    mean_loss = float("nan")
+    bar = progress(range(start, epochs), desc=desc)
     for epoch in bar:
         running = torch.zeros((), device=batches.device)
         count = 0
@@ -95,9 +100,14 @@ def fit(model: nn.Module, batches: Batches, epochs: int, optimizer: torch.optim.
             count += 1
             step += 1
         mean_loss = float(running) / max(count, 1)
+        if not math.isfinite(mean_loss):
+            raise NonFiniteError(f"{desc}: the training loss is {mean_loss} in epoch {epoch + 1}/{epochs} (NaN/Inf "
+                                 "appeared in this epoch); lower the learning rate (--set ...lr=) and rerun")
         bar.set_postfix(loss=f"{mean_loss:.4f}")
         if log is not None and (epoch + 1 == epochs or (epoch + 1) % max(epochs // 5, 1) == 0):
             log(f"{desc}: epoch {epoch + 1}/{epochs} loss {mean_loss:.4f}")
+        if checkpoint is not None and epoch + 1 < epochs:
+            checkpoint.save(bare, optimizer, epoch + 1, step)
     return mean_loss
 
 

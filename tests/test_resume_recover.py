@@ -1,0 +1,68 @@
+"""Recover survives SIGKILL: a killed run, rerun into the same directory, finishes with the
+distilled set of an uninterrupted run bit for bit, without recomputing a finished class-batch."""
+import json
+import re
+import signal
+import subprocess
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from _tiny_runs import command, env, squeeze_and_stats
+from unidd_fast.pipeline.checkpoint import RecoverCheckpoint
+
+# ipc 2 × 10 classes in class-batches of 5 classes = 4 class-batches, each long enough
+# (~1 s) that the kill lands while the third is running
+ARGS = ["--ipc", "2", "--seeds", "0", "--set", "recover.batch_size=5", "--iterations", "600", "--quiet"]
+LINE = re.compile(r"class-batch (\d+)/4 ce")
+
+
+@pytest.fixture(scope="module")
+def stats_run(tmp_path_factory):
+    return squeeze_and_stats(tmp_path_factory.mktemp("recover_kill"))[1]
+
+
+def _computed(log_text: str) -> list[int]:
+    return [int(m.group(1)) for m in LINE.finditer(log_text)]
+
+
+def test_sigkill_mid_run_then_resume_is_bit_identical(stats_run, tmp_path):
+    out = tmp_path / "killed"
+    argv = command("recover", "--from", str(stats_run), "--out", str(out), *ARGS)
+    proc = subprocess.Popen(argv, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    second = out / "batches" / "ipc000_batch0001.safetensors"
+    deadline = time.monotonic() + 120
+    while not second.exists():
+        assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+        assert time.monotonic() < deadline
+        time.sleep(0.002)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    proc.stderr.close()
+    assert proc.returncode == -signal.SIGKILL
+    assert not (out / "distilled.safetensors").exists()
+
+    done, _, _, _ = RecoverCheckpoint(out / "checkpoints").load("cpu")
+    on_disk = sorted(p.name for p in (out / "batches").glob("*.safetensors"))
+    assert 2 <= done < 4 and len(on_disk) == done  # the checkpoint is committed before a batch's files
+    before = (out / "log.txt").read_text()
+
+    resumed = subprocess.run(argv, env=env(), capture_output=True, text=True, timeout=180)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    after = (out / "log.txt").read_text()[len(before):]
+    assert f"resuming after class-batch {done}/4" in after
+    assert _computed(after) == list(range(done + 1, 5))  # nothing finished was computed again
+    assert not (out / "checkpoints").exists()
+
+    clean = tmp_path / "clean"
+    uninterrupted = subprocess.run(command("recover", "--from", str(stats_run), "--out", str(clean), *ARGS),
+                                   env=env(), capture_output=True, text=True, timeout=180)
+    assert uninterrupted.returncode == 0, uninterrupted.stderr[-2000:]
+    assert _computed((clean / "log.txt").read_text()) == [1, 2, 3, 4]
+    got, want = load_file(str(out / "distilled.safetensors")), load_file(str(clean / "distilled.safetensors"))
+    assert torch.equal(got["images"], want["images"]) and torch.equal(got["labels"], want["labels"])
+    for png in sorted(clean.glob("new*/*.png")):
+        assert (out / png.relative_to(clean)).read_bytes() == png.read_bytes(), png.name
+    assert json.loads((out / "results.json").read_text())["sets"][0]["ipc"] == 2

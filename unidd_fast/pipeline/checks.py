@@ -1,0 +1,54 @@
+"""Fail-fast checks of a stage's inputs, run before any data is read or any step is taken.
+Each raises ConfigError saying what to change."""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+from ..errors import ConfigError
+
+
+def check_writable(path) -> None:
+    """``path`` (a directory, created if missing) accepts new files."""
+    path = Path(path).expanduser()
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if existing.exists() and not existing.is_dir():
+        raise ConfigError(f"--out {path}: {existing} is a file, not a directory; choose another --out")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".unidd-write-test.", dir=path)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise ConfigError(f"--out {path} is not writable ({exc.strerror or exc}); choose a directory you can "
+                          "write to with --out DIR") from None
+
+
+def check_exists(flag: str, path, what: str) -> None:
+    """An input file or directory named on the command line exists."""
+    if not Path(path).expanduser().exists():
+        raise ConfigError(f"{flag} {path} does not exist; {what}")
+
+
+def check_teacher(spec: dict, data) -> None:
+    """The teacher (its ``model_spec``) takes this dataset's images and predicts its classes."""
+    if spec["num_classes"] != data.num_classes:
+        raise ConfigError(f"the teacher predicts {spec['num_classes']} classes but the dataset {data.name} has "
+                          f"{data.num_classes}: use a teacher squeezed on this dataset")
+    if spec["channels"] != data.channels:
+        raise ConfigError(f"the teacher takes {spec['channels']}-channel images, the data has {data.channels}: "
+                          f"--set data.channels={spec['channels']}")
+    if spec["image_size"] != data.image_size:
+        raise ConfigError(f"the teacher was trained on {spec['image_size']} px images but data.image_size is "
+                          f"{data.image_size}: --set data.image_size={spec['image_size']} (or squeeze a teacher at "
+                          f"{data.image_size} px)")
+
+
+def check_stats(stats, data) -> None:
+    """Real statistics were collected over this dataset's classes."""
+    if stats.num_classes != data.num_classes:
+        raise ConfigError(f"the statistics file has {stats.num_classes} classes but the dataset {data.name} has "
+                          f"{data.num_classes}: run `unidd-fast stats` with this dataset's teacher")
