@@ -54,6 +54,13 @@ def _stage_parser(sub, name: str):
     p.add_argument("--arch", help="teacher architecture: resnet18, resnet50, resnet101, convnet")
     p.add_argument("--loss", choices=("cfm", "sre2l", "none"),
                    help="recover loss: cfm (default), sre2l (BN matching), none (random real images)")
+    p.add_argument("--precision", choices=("auto", "fp32", "bf16"),
+                   help="recover: teacher forward/backward in fp32 or under bf16 autocast (statistics stay "
+                        "fp32); auto = bf16 on CUDA, fp32 on CPU")
+    p.add_argument("--cuda-graphs", choices=("auto", "on", "off"),
+                   help="recover: capture the step as a CUDA graph once per class-batch shape and replay it "
+                        "(auto: on for CUDA)")
+    p.add_argument("--compile", action="store_true", default=None, help="recover: torch.compile the teacher")
     p.add_argument("--teacher", metavar="FILE", help="teacher.safetensors written by squeeze")
     p.add_argument("--stats", metavar="FILE", help="stats.safetensors written by stats")
     p.add_argument("--teacher-checkpoint", metavar="FILE",
@@ -102,7 +109,9 @@ def resolve_config(args):
     else:
         cfg = config.defaults(args.dataset or "digits")
     flags = {"data.data": args.data, "ipc": args.ipc, "seeds": args.seeds, "recover.iterations": args.iterations,
-             "device": args.device, "model.arch": args.arch, "recover.loss": args.loss}
+             "device": args.device, "model.arch": args.arch, "recover.loss": args.loss,
+             "recover.precision": args.precision, "recover.cuda_graphs": args.cuda_graphs,
+             "recover.compile": args.compile}
     for key, value in flags.items():
         if value is not None:
             config.set_value(cfg, key, value)

@@ -35,6 +35,7 @@ class CFMLoss:
     Call ``model(x)`` first (the hooks capture every site's input), then ``cfm(targets)``:
     targets are class ids (n,) for signal "class"/"mean", probabilities (n, c) for "soft".
     ``next_batch()`` after each class-batch folds its detached statistics into the EMU mean.
+    ``make_graph_safe()`` keeps β_t, b and the EMU means in device tensors (for CUDA graphs).
     """
 
     def __init__(self, model: nn.Module, stats: RealStats, beta: float = 0.1, eta: float = 0.1,
@@ -56,6 +57,7 @@ class CFMLoss:
         self.beta_t = beta
         self.num_classes = stats.num_classes
         self.enabled = True
+        self.graph_safe = False
         self.step = 0
         self.b = 1  # index of the current class-batch, counted over the whole run
         self._current: dict[str, tuple] = {}
@@ -82,7 +84,7 @@ class CFMLoss:
         self.groups: dict[int, list[str]] = {}
         for name in self.names:
             self.groups.setdefault(stats[name].dim, []).append(name)
-        device = next(model.parameters()).device
+        device = self.device = next(model.parameters()).device
         self._real = {}
         for d, group in self.groups.items():
             psi = torch.stack([stats[n].psi for n in group]).to(device, torch.float64)
@@ -102,10 +104,11 @@ class CFMLoss:
         if self.enabled:
             self._current[name] = site_stats(feat, self.backend)
 
-    def _filters(self):
-        """(filter applied to Ψ in the filter term, filter applied before the signal)."""
+    def _filters(self, beta=None):
+        """(filter applied to Ψ in the filter term, filter applied before the signal), at
+        ``beta`` (default β_t; a device tensor in graph-safe mode)."""
         if self.filter in ("cfm", "krr"):
-            f = filt.krr(self.beta_t)
+            f = filt.krr(self.beta_t if beta is None else beta)
             return f, f
         if self.filter == "lowpass":
             f = filt.low_pass()
@@ -134,6 +137,44 @@ class CFMLoss:
     def set_curriculum(self, t, T) -> None:
         """Set β_t from the schedule (cosine for filter="cfm", constant for "krr")."""
         self.beta_t = beta_schedule(self.beta, t, T, self.schedule, self.beta_min)
+        if self.graph_safe:
+            self._beta_dev.fill_(float(self.beta_t))
+            for (d, dtype), buffers in self._static_real.items():
+                for buffer, value in zip(buffers, self._real_side(d, *self._filters(), dtype)):
+                    buffer.copy_(value)
+
+    def make_graph_safe(self) -> None:
+        """Make ``cfm(targets)`` capturable in a CUDA graph, with unchanged values: β_t and the
+        class-batch index b live in 0-d float64 device tensors, the real side and the EMU means
+        in device buffers, all updated in place by ``set_curriculum`` / ``next_batch`` (outside
+        the graph); the EMU fold runs at every b (at b = 1 it folds zeros: Ψ/1 + 0·0 = Ψ
+        exactly), and the per-step finite check (a host sync) is off: the caller checks the
+        loss instead. Call before the first ``cfm(targets)`` of the run."""
+        if self.graph_safe:
+            return
+        self._beta_dev = torch.tensor(float(self.beta_t), dtype=torch.float64, device=self.device)
+        self._b_dev = torch.tensor(float(self.b), dtype=torch.float64, device=self.device)
+        self._filter_pair = self._filters(self._beta_dev)
+        self._static_real: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.check_finite = False
+        self.graph_safe = True
+
+    def _fold_and_real(self, d, psi_b, sig_b, f_filter, f_signal):
+        """EMU-folded synthetic (Ψ_s, signal) and the real side (F, T) of width ``d``."""
+        if not self.graph_safe:
+            if self.emu and self.b > 1:
+                bar_psi, bar_sig = self._bar[d]
+                psi_b, sig_b = emu_fold(psi_b, bar_psi, self.b), emu_fold(sig_b, bar_sig, self.b)
+            return psi_b, sig_b, self._real_side(d, f_filter, f_signal, psi_b.dtype)
+        key = (d, psi_b.dtype)
+        if key not in self._static_real:
+            self._static_real[key] = tuple(t.clone() for t in self._real_side(d, *self._filters(), psi_b.dtype))
+        if self.emu:
+            if d not in self._bar:
+                self._bar[d] = (torch.zeros_like(psi_b, requires_grad=False), torch.zeros_like(sig_b, requires_grad=False))
+            bar_psi, bar_sig = self._bar[d]
+            psi_b, sig_b = emu_fold(psi_b, bar_psi, self._b_dev), emu_fold(sig_b, bar_sig, self._b_dev)
+        return psi_b, sig_b, self._static_real[key]
 
     def _synthetic_signal(self, stats, targets):
         psi_b, mu_b, pooled = stats
@@ -164,14 +205,10 @@ class CFMLoss:
             self._last[d] = (psi_b.detach(), sig_b.detach())
         if self.check_finite:
             self._raise_if_not_finite(batch)
-        f_filter, f_signal = self._filters()
+        f_filter, f_signal = self._filter_pair if self.graph_safe else self._filters()
         norms = {}
         for d, group in self.groups.items():
-            psi_b, sig_b = batch[d]
-            if self.emu and self.b > 1:
-                bar_psi, bar_sig = self._bar[d]
-                psi_b, sig_b = emu_fold(psi_b, bar_psi, self.b), emu_fold(sig_b, bar_sig, self.b)
-            F_real, T_real = self._real_side(d, f_filter, f_signal, psi_b.dtype)
+            psi_b, sig_b, (F_real, T_real) = self._fold_and_real(d, *batch[d], f_filter, f_signal)
             norms[d] = filtered_norms(F_real, T_real, psi_b, sig_b, f_filter, f_signal, group, self.backend)
         self.step += 1
         return norms
@@ -192,7 +229,10 @@ class CFMLoss:
             raise RuntimeError("next_batch() before any cfm(targets) call of this class-batch")
         b = self.b
         for d, (psi, sig) in self._last.items():
-            if b == 1:
+            if self.graph_safe and d in self._bar:  # the buffers a captured graph reads
+                for bar, value in zip(self._bar[d], (psi, sig)):
+                    bar.copy_(emu_fold(value, bar, b))
+            elif b == 1:
                 self._bar[d] = (psi.clone(), sig.clone())
             else:
                 bar_psi, bar_sig = self._bar[d]
@@ -200,12 +240,14 @@ class CFMLoss:
         self._last = {}
         self._current = {}
         self.b += 1
+        if self.graph_safe:
+            self._b_dev.fill_(float(self.b))
 
     def emu_state(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """Per site: the running means (Ψ̄, signal̄) of the finished class-batches."""
         out = {}
         for d, group in self.groups.items():
-            if d in self._bar:
+            if d in self._bar and self.b > 1:
                 for i, name in enumerate(group):
                     out[name] = (self._bar[d][0][i], self._bar[d][1][i])
         return out
@@ -213,13 +255,24 @@ class CFMLoss:
     def state_dict(self) -> dict[str, torch.Tensor]:
         """EMU state as plain tensors (for checkpoints and cross-rank merges)."""
         state = {"b": torch.tensor(self.b)}
-        for d, (psi, sig) in self._bar.items():
+        for d, (psi, sig) in (self._bar.items() if self.b > 1 else ()):
             state[f"{d}/psi"], state[f"{d}/sig"] = psi, sig
         return state
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         self.b = int(state["b"])
-        self._bar = {d: (state[f"{d}/psi"], state[f"{d}/sig"]) for d in self.groups if f"{d}/psi" in state}
+        bar = {d: (state[f"{d}/psi"], state[f"{d}/sig"]) for d in self.groups if f"{d}/psi" in state}
+        if not self.graph_safe:
+            self._bar = bar
+            return
+        self._b_dev.fill_(float(self.b))
+        for d, buffers in self._bar.items():  # in place: a captured graph reads these
+            for i, buffer in enumerate(buffers):
+                if d in bar:
+                    buffer.copy_(bar[d][i])
+                else:
+                    buffer.zero_()
+        self._bar.update({d: tuple(t.clone() for t in pair) for d, pair in bar.items() if d not in self._bar})
 
     def remove(self) -> None:
         """Remove the forward hooks from the model."""

@@ -13,13 +13,16 @@ from .backend import resolve_backend
 
 
 def site_stats(feat: torch.Tensor, backend: str | None = "auto"):
-    """(psi (d,d), mu (d,), pooled (n,d)) of a feature map (n,d,h,w); see reference.site_stats."""
+    """(psi (d,d), mu (d,), pooled (n,d)) of a feature map (n,d,h,w); see reference.site_stats.
+    Accumulated in float32 (float64 for float64 input) also inside an autocast region, where
+    hooks run: autocast would otherwise round the Gram's inputs to bf16/fp16."""
     name = resolve_backend(backend, feat.device)
-    if name == "torch":
-        return composite.site_stats(feat)
-    from .kernels import dispatch
+    with torch.autocast(feat.device.type, enabled=False):
+        if name == "torch":
+            return composite.site_stats(feat)
+        from .kernels import dispatch
 
-    return dispatch.site_stats(feat, name)
+        return dispatch.site_stats(feat, name)
 
 
 def regularized_inverse(A: torch.Tensor, beta, backend: str | None = "auto", names=None):

@@ -35,10 +35,16 @@ def site_stats(feat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Te
     return psi, mu, pooled
 
 
+def capturing(t: torch.Tensor) -> bool:
+    """True while ``t``'s CUDA stream is being captured into a CUDA graph, where a host
+    synchronisation (``.item()``, ``bool(tensor)``) is an error: checks that need one skip."""
+    return t.is_cuda and torch.cuda.is_current_stream_capturing()
+
+
 def check_cholesky_info(info: torch.Tensor, beta, names=None) -> None:
     """Raise NotPositiveDefiniteError if any factorisation failed (skipped under CUDA-graph
     capture, where the check would need a host synchronisation)."""
-    if info.is_cuda and torch.cuda.is_current_stream_capturing():
+    if capturing(info):
         return
     bad = torch.nonzero(info.reshape(-1)).flatten().tolist()
     if bad:

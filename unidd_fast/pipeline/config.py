@@ -78,6 +78,9 @@ class RecoverConfig:
     shift: float = 0.125        # ... largest translation, fraction of the image side
     image_format: str = "png"   # png (lossless) | jpg
     backend: str = "auto"
+    precision: str = "auto"     # teacher forward/backward: fp32 | bf16 autocast; auto = bf16 on CUDA, fp32 on CPU
+    cuda_graphs: str = "auto"   # capture the step once per class-batch shape, then replay: auto (on for CUDA) | on | off
+    compile: bool = False       # torch.compile the teacher's forward
 
 
 @dataclass
@@ -186,6 +189,8 @@ CHOICES = {
     "recover.signal": ("class", "mean", "soft"),
     "recover.filter": ("cfm", "krr", "lowpass", "allpass", "mtt"),
     "recover.image_format": ("png", "jpg"),
+    "recover.precision": ("auto", "fp32", "bf16"),
+    "recover.cuda_graphs": ("auto", "on", "off"),
     "evaluate.optimizer": ("adamw", "sgd"),
     "evaluate.augment": ("crop", "rrc"),
     "evaluate.arch": ("",) + ARCHS,
