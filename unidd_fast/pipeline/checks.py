@@ -10,13 +10,15 @@ from ..errors import ConfigError
 
 
 def check_writable(path) -> None:
-    """``path`` (a directory, created if missing) accepts new files."""
-    path = Path(path).expanduser()
+    """``path`` (a directory, maybe not there yet) accepts new files. Leaves nothing behind:
+    the stage creates the directory once its own checks have passed."""
+    path = Path(path).expanduser().absolute()
     existing = path
     while not existing.exists() and existing != existing.parent:
         existing = existing.parent
-    if existing.exists() and not existing.is_dir():
+    if not existing.is_dir():
         raise ConfigError(f"--out {path}: {existing} is a file, not a directory; choose another --out")
+    created = [p for p in [path, *path.parents] if p != existing and existing in p.parents]
     try:
         path.mkdir(parents=True, exist_ok=True)
         fd, probe = tempfile.mkstemp(prefix=".unidd-write-test.", dir=path)
@@ -25,6 +27,10 @@ def check_writable(path) -> None:
     except OSError as exc:
         raise ConfigError(f"--out {path} is not writable ({exc.strerror or exc}); choose a directory you can "
                           "write to with --out DIR") from None
+    finally:
+        for folder in created:  # deepest first
+            if folder.is_dir():
+                folder.rmdir()
 
 
 def check_exists(flag: str, path, what: str) -> None:

@@ -104,10 +104,8 @@ class RunDir:
     makes ``start`` wipe an earlier run instead of resuming or refusing it."""
 
     def __init__(self, path, quiet: bool = False, parent: "RunDir | None" = None, force: bool = False):
-        self.path = Path(path).expanduser().resolve()
+        self.path = Path(path).expanduser().resolve()  # created by the first file written
         self.main = distributed.info().is_main
-        if self.main:
-            self.path.mkdir(parents=True, exist_ok=True)
         self.quiet, self.parent, self.force = quiet, parent, force
         self.started = time.perf_counter()
 
@@ -115,6 +113,7 @@ class RunDir:
         if not self.main:
             return
         line = f"{time.strftime('%Y-%m-%d %H:%M:%S')} {message}"
+        self.path.mkdir(parents=True, exist_ok=True)
         with open(self.path / "log.txt", "a") as handle:
             handle.write(line + "\n")
         if self.parent is not None:

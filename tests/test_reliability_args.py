@@ -1,0 +1,153 @@
+"""Bad arguments fail before any work with a message saying what to change; a run
+directory refuses another stage, configuration or input file (naming the difference),
+returns a finished run as it is, and starts over with --force."""
+import json
+
+import pytest
+import torch
+
+from _pipeline_data import write_image_folders
+from _tiny_runs import TINY, squeeze_and_stats
+from unidd_fast.cli import main
+from unidd_fast.errors import ConfigError
+from unidd_fast.pipeline import config
+from unidd_fast.pipeline.rundir import config_diff
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("args")
+    sq, st = squeeze_and_stats(root)
+    (root / "garbage.safetensors").write_bytes(b"\x00" * 40)
+    write_image_folders(root / "folder", per_class=2, size=8)  # 3 classes
+    return {"sq": sq, "st": st, "root": root}
+
+
+@pytest.fixture(autouse=True)
+def _restore_threads():
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+def _fails(argv, capsys, *messages):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    for message in messages:
+        assert message in err, err
+    return err
+
+
+BAD_VALUES = [
+    (["--ipc", "0"], "ipc=0 is invalid: expected one or more integers >= 1", "--ipc"),
+    (["--set", "recover.beta=-0.1"], "recover.beta=-0.1 is invalid: expected a regularisation β > 0",
+     "--set recover.beta="),
+    (["--set", "recover.beta_min=0"], "recover.beta_min=0.0 is invalid", "β_min > 0"),
+    (["--set", "recover.batch_size=0"], "recover.batch_size=0 is invalid", "class count >= 1"),
+    (["--iterations", "-5"], "recover.iterations=-5 is invalid", "--iterations or --set recover.iterations"),
+    (["--set", "recover.lr=0"], "recover.lr=0.0 is invalid", "learning rate > 0"),
+    (["--set", "evaluate.temperature=-1"], "evaluate.temperature=-1.0 is invalid", "temperature > 0"),
+    (["--set", "recover.betas=0.5,1.5"], "recover.betas=0.5,1.5 is invalid", "[0, 1)"),
+    (["--set", "data.dataset=mnist"], "data.dataset='mnist': choose one of", "digits"),
+    (["--set", "data.image_size=12", "--set", "model.depth=3"], "data.image_size=12 must be a multiple of 8",
+     "model.depth"),
+]
+
+
+@pytest.mark.parametrize("case", BAD_VALUES, ids=lambda case: " ".join(case[0]))
+def test_bad_values_fail_before_the_run_directory_exists(runs, tmp_path, capsys, case):
+    extra, *messages = case
+    out = tmp_path / "never"
+    _fails(["recover", "--from", str(runs["st"]), "--out", str(out), "--quiet"] + extra, capsys, *messages)
+    assert not out.exists()
+
+
+def test_unknown_dataset_flag_is_refused_by_argparse(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["squeeze", "--dataset", "mnist"])
+    assert exit_info.value.code == 2
+    assert "invalid choice: 'mnist'" in capsys.readouterr().err
+
+
+def test_missing_inputs_and_unwritable_output(runs, tmp_path, capsys):
+    teacher = str(runs["sq"] / "teacher.safetensors")
+    _fails(["recover", "--teacher", "/nonexistent/t.safetensors", "--loss", "none", "--quiet", "--out",
+            str(tmp_path / "a")], capsys, "--teacher /nonexistent/t.safetensors does not exist", "unidd-fast squeeze")
+    _fails(["recover", "--teacher", teacher, "--stats", "/nonexistent/s.safetensors", "--quiet", "--out",
+            str(tmp_path / "b")], capsys, "--stats /nonexistent/s.safetensors does not exist")
+    _fails(["evaluate", "--teacher", teacher, "--distilled", "/nonexistent/set", "--quiet", "--out",
+            str(tmp_path / "c")], capsys, "--distilled /nonexistent/set does not exist")
+    _fails(["squeeze", "--dataset", "folder", "--data", "/nonexistent/data", "--quiet", "--out", str(tmp_path / "d")],
+           capsys, "/nonexistent/data does not exist")
+    assert not any((tmp_path / n).exists() for n in "abcd")
+    _fails(["squeeze", "--quiet", "--out", "/proc/unidd-run"] + TINY, capsys, "--out /proc/unidd-run is not writable",
+           "--out DIR")
+    (tmp_path / "file").write_text("")
+    _fails(["squeeze", "--quiet", "--out", str(tmp_path / "file" / "run")] + TINY, capsys, "is a file, not a directory")
+
+
+def test_inputs_that_do_not_fit_fail_before_any_work(runs, tmp_path, capsys):
+    teacher = str(runs["sq"] / "teacher.safetensors")
+    out = tmp_path / "run"
+    # a 10-class digits teacher on a 3-class image folder
+    _fails(["recover", "--teacher", teacher, "--loss", "none", "--dataset", "folder", "--data",
+            str(runs["root"] / "folder"), "--quiet", "--out", str(out), "--set", "data.image_size=8",
+            "--set", "data.channels=1", "--set", "data.mean=0.5", "--set", "data.std=0.25"],
+           capsys, "the teacher predicts 10 classes but the dataset folder has 3")
+    # an 8 px teacher asked to take 16 px images
+    _fails(["stats", "--from", str(runs["sq"]), "--set", "data.image_size=16", "--quiet", "--out", str(out)],
+           capsys, "trained on 8 px images but data.image_size is 16", "--set data.image_size=8")
+    _fails(["recover", "--from", str(runs["st"]), "--stats", str(runs["root"] / "garbage.safetensors"), "--quiet",
+            "--out", str(out)], capsys, "garbage.safetensors is not a readable statistics file")
+    assert not (out / "run.json").exists() and not (out / "config.json").exists()
+
+
+def test_run_directory_refuses_other_configurations_and_force_starts_over(runs, tmp_path, capsys):
+    out = tmp_path / "rc"
+    base = ["recover", "--from", str(runs["st"]), "--out", str(out), "--seeds", "0", "--iterations", "2",
+            "--set", "recover.batch_size=5", "--quiet"]
+    assert main(base + ["--ipc", "2"]) == 0
+    assert (out / "new000" / "class000_id001.png").is_file()
+    capsys.readouterr()
+
+    err = _fails(base + ["--ipc", "1", "--set", "recover.beta=0.2"], capsys, "holds a `recover` run with a different "
+                 "configuration", "ipc: [2] -> [1]", "recover.beta: 0.1 -> 0.2", "--force")
+    assert "threads" not in err
+    other_teacher = runs["root"] / "sq2"
+    assert main(["squeeze", "--out", str(other_teacher), "--set", "seeds=1"] + TINY) == 0
+    _fails(base + ["--ipc", "2", "--teacher", str(other_teacher / "teacher.safetensors")], capsys,
+           "input teacher:", "sq/teacher.safetensors -> ", "sq2/teacher.safetensors")
+    _fails(["stats", "--from", str(runs["sq"]), "--out", str(out), "--quiet"], capsys,
+           "holds a `recover` run, not `stats`")
+
+    # the same run again: finished, nothing is recomputed; runtime keys may differ
+    log_lines = (out / "log.txt").read_text().count("class-batch")
+    assert main(base + ["--ipc", "2", "--set", "threads=2"]) == 0
+    assert "already finished" in (out / "log.txt").read_text()
+    assert (out / "log.txt").read_text().count("class-batch") == log_lines
+
+    assert main(base + ["--ipc", "1", "--force"]) == 0
+    assert not (out / "new000" / "class000_id001.png").exists()  # the ipc-2 images are gone
+    assert json.loads((out / "config.json").read_text())["ipc"] == [1]
+    assert "--force: deleting the earlier recover run" in (out / "log.txt").read_text()
+
+
+def test_config_diff_compares_what_the_stage_depends_on():
+    a = config.defaults("digits").to_dict()
+    b = config.defaults("digits")
+    b.evaluate.epochs, b.device, b.recover.eta = 5, "cuda", 0.5
+    b = b.to_dict()
+    assert config_diff(a, b, "recover") == ["recover.eta"]
+    assert config_diff(a, b, "evaluate") == ["evaluate.epochs"]
+    assert config_diff(a, b, "squeeze") == []
+    a["data"]["mean"], b["data"]["mean"] = [0.3], []  # not resolved yet on one side
+    assert config_diff(a, b, "squeeze") == []
+
+
+def test_validate_is_called_by_the_stages_too(tmp_path):
+    from unidd_fast.pipeline.rundir import RunDir
+
+    cfg = config.defaults("digits")
+    cfg.ipc = [0]
+    with pytest.raises(ConfigError, match="ipc=0 is invalid"):
+        RunDir(tmp_path).start("recover", cfg)
