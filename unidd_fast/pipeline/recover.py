@@ -2,11 +2,12 @@
 
 Three layers, so that later work can reuse each one:
 
-- ``recover_step``: one iteration on one class-batch (augment → forward → CE + regulariser
-  → backward → Adam step → clip to the valid pixel range). No host synchronisation, no
-  hidden state: randomness comes from the ``generator`` argument.
+- ``recover_step`` (in ``step.py``): one iteration on one class-batch (augment → forward
+  → CE + regulariser → backward → Adam step → clip to the valid pixel range). No host
+  synchronisation, no hidden state: randomness comes from the ``generator`` argument.
 - ``recover_class_batch``: fresh Adam (betas (0.5, 0.9)) and a cosine learning rate over
-  ``iterations`` steps, starting from the given initial images.
+  ``iterations`` steps, starting from the given initial images (``step.RecoverEngine``:
+  eager, or a CUDA graph replayed).
 - ``recover_set``: the class-batches of one distilled set in order, ipc by ipc; sets β_t
   before each and folds it into the EMU (``next_batch``) after it, across the whole run;
   hands each finished class-batch to ``on_batch`` (which writes it at once).
@@ -24,7 +25,6 @@ from typing import Callable
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 from safetensors.torch import load_file, save_file
 from torch import nn
@@ -41,10 +41,10 @@ from .config import Config, RecoverConfig
 from .datasets import Data, prepare_data
 from .models import load_teacher
 from .rundir import RunDir
-from .train import lr_at, make_generator, setup_device, set_lr
+from .step import RecoverEngine, recover_step, resolve_options  # noqa: F401 (recover_step: public here too)
+from .train import make_generator, setup_device
 
 DISTILLED_FILE = "distilled.safetensors"
-CHECK_EVERY = 50  # GPU: steps between two reads of the finite flags (each read waits for the device)
 
 
 @dataclass(frozen=True)
@@ -99,27 +99,6 @@ def pixel_bounds(mean, std, device) -> tuple[torch.Tensor, torch.Tensor]:
     return -mean / std, (1 - mean) / std
 
 
-def recover_step(images: torch.Tensor, targets: torch.Tensor, model: nn.Module, regularizer,
-                 optimizer: torch.optim.Optimizer, augment: Augment, generator: torch.Generator | None,
-                 lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """One update of ``images`` (k, C, H, W), a leaf the optimizer owns, toward class ids
-    ``targets`` (k,). Returns the detached (CE, regulariser) values as device tensors."""
-    optimizer.zero_grad(set_to_none=True)
-    logits = model(augment(images, generator))
-    ce = F.cross_entropy(logits, targets)
-    if regularizer is None:
-        reg = torch.zeros((), device=images.device)
-    else:
-        # signal="soft" matches FLCs built from the teacher's probabilities of this batch
-        soft = getattr(regularizer, "signal", None) == "soft"
-        reg = regularizer(torch.softmax(logits.detach().float(), 1) if soft else targets)
-    (ce + reg).backward()
-    optimizer.step()
-    with torch.no_grad():
-        images.copy_(torch.maximum(torch.minimum(images, hi), lo))
-    return ce.detach(), reg.detach()
-
-
 def recover_class_batch(init: torch.Tensor, targets: torch.Tensor, model: nn.Module, regularizer,
                         rc: RecoverConfig, augment: Augment, generator: torch.Generator | None,
                         lo: torch.Tensor, hi: torch.Tensor, desc: str = "iterations", check_every: int | None = None):
@@ -128,36 +107,12 @@ def recover_class_batch(init: torch.Tensor, targets: torch.Tensor, model: nn.Mod
 
     Every step records on the device whether its loss and the updated images are finite;
     the record is read every ``check_every`` steps (default: every step on the CPU, where a
-    read costs nothing, every CHECK_EVERY steps on a GPU, so steps never wait for the host)
+    read costs nothing, every step.CHECK_EVERY steps on a GPU, so steps never wait for the
+    host; once per class-batch with CUDA graphs)
     and after the last. NonFiniteError names the first iteration that went wrong."""
-    images = init.detach().clone().requires_grad_(True)
-    optimizer = torch.optim.Adam([images], lr=rc.lr, betas=tuple(rc.betas))
-    ce = reg = torch.full((), float("nan"))
-    if check_every is None:
-        check_every = 1 if images.device.type == "cpu" else CHECK_EVERY
-    finite = torch.ones(max(rc.iterations, 1), 2, dtype=torch.bool, device=images.device)
-    for it in progress(range(rc.iterations), desc=desc):
-        set_lr(optimizer, lr_at(rc.lr, it, rc.iterations))
-        try:
-            ce, reg = recover_step(images, targets, model, regularizer, optimizer, augment, generator, lo, hi)
-        except (NonFiniteError, NotPositiveDefiniteError) as exc:
-            raise type(exc)(f"iteration {it + 1}/{rc.iterations}: {exc}") from exc
-        finite[it, 0] = torch.isfinite(ce) & torch.isfinite(reg)
-        finite[it, 1] = torch.isfinite(images.detach()).all()
-        if (it + 1) % check_every == 0 or it + 1 == rc.iterations:
-            _raise_if_not_finite(finite[: it + 1], rc.iterations)
-    return images.detach(), ce, reg
-
-
-def _raise_if_not_finite(finite: torch.Tensor, iterations: int) -> None:
-    """finite (steps, 2): per step, (loss finite, images finite after the update)."""
-    if bool(finite.all()):
-        return
-    it, column = (int(v) for v in torch.nonzero(~finite)[0])
-    what = ("the loss (cross-entropy + regulariser) is NaN/Inf" if column == 0 else
-            "the synthetic images became NaN/Inf in the update")
-    raise NonFiniteError(f"iteration {it + 1}/{iterations}: {what}; lower recover.lr (--set recover.lr=...) or "
-                         "check the teacher and the statistics")
+    engine = RecoverEngine(model, regularizer, rc, augment, generator, lo, hi, resolve_options(rc, lo.device),
+                           check_every=check_every)
+    return engine.run(init, targets, desc)
 
 
 def batch_seed(seed: int, index: int, stream: str = "augment") -> int:
@@ -185,6 +140,7 @@ def recover_set(model: nn.Module, regularizer, plan: list[ClassBatch], init: Cal
     if fold is None and active is not None:
         fold = active.next_batch
     device = lo.device
+    engine = RecoverEngine(model, active, rc, augment, generator, lo, hi, resolve_options(rc, device))
     for cb in progress(plan if rounds is None else rounds, desc=desc):
         images = ce = reg = None
         if cb is not None:
@@ -194,9 +150,8 @@ def recover_set(model: nn.Module, regularizer, plan: list[ClassBatch], init: Cal
                 active.set_curriculum(*curriculum(cb, len(plan), ipc, rc.beta_per))
             targets = cb.classes.to(device)
             try:
-                images, ce, reg = recover_class_batch(init(cb).to(device), targets, model, active, rc, augment,
-                                                      generator, lo, hi,
-                                                      desc=f"{desc} batch {cb.index + 1}/{len(plan)}")
+                images, ce, reg = engine.run(init(cb).to(device), targets,
+                                             desc=f"{desc} batch {cb.index + 1}/{len(plan)}")
             except (NonFiniteError, NotPositiveDefiniteError) as exc:
                 classes = cb.classes.tolist()
                 raise type(exc)(f"recover, class-batch {cb.index + 1}/{len(plan)} (ipc index {cb.ipc_index}, "
