@@ -269,7 +269,8 @@ def recover_one(cfg: Config, data: Data, model: nn.Module, stats: RealStats | No
             if cb is not None:
                 writer.write_pixels(cb, pixels)
                 say(f"{name}: class-batch {cb.index + 1}/{len(plan)}" +
-                    (f" ce {float(ce):.4f} reg {float(reg):.4f}" if rc.iterations > 0 else ""))
+                    (f" ce {float(ce):.4f} reg {float(reg):.4f}" if rc.iterations > 0 else "") +
+                    (f" (rank 0; class-batches ..{finished[0]} are finished)" if here.world_size > 1 else ""))
 
         fold = None
         if here.world_size > 1 and isinstance(regularizer, CFMLoss):
