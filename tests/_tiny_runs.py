@@ -40,8 +40,12 @@ def command(*argv: str) -> list[str]:
     return [sys.executable, "-m", "unidd_fast", *argv]
 
 
-def torchrun(*argv: str, nproc: int = 2, timeout: float = 240) -> subprocess.CompletedProcess:
+def torchrun_command(*argv: str, nproc: int = 2) -> list[str]:
     """``torchrun --standalone --nproc_per_node=N -m unidd_fast ARGV`` (gloo on the CPU)."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m",
-           "unidd_fast", *argv]
-    return subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m",
+            "unidd_fast", *argv]
+
+
+def torchrun(*argv: str, nproc: int = 2, timeout: float = 240) -> subprocess.CompletedProcess:
+    return subprocess.run(torchrun_command(*argv, nproc=nproc), env=env(), capture_output=True, text=True,
+                          timeout=timeout, cwd=ROOT)

@@ -12,16 +12,22 @@ against the same stage in one process.
   accuracy agrees closely, not exactly.
 """
 import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from _tiny_runs import squeeze_and_stats, torchrun
+from _tiny_runs import ROOT, env, squeeze_and_stats, torchrun, torchrun_command
 from unidd_fast import RealStats
 from unidd_fast.cli import main
 
-RECOVER = ["--ipc", "2", "--seeds", "0", "--set", "recover.batch_size=5", "--iterations", "20", "--quiet"]
+# 6 class-batches in 3 rounds, each long enough (~0.5 s) for the kill test to land mid-run
+RECOVER = ["--ipc", "3", "--seeds", "0", "--set", "recover.batch_size=5", "--iterations", "300", "--quiet"]
 
 
 @pytest.fixture(scope="module")
@@ -58,14 +64,20 @@ def test_stats_two_ranks_match_one_process(runs):
     assert json.loads((out / "results.json").read_text())["num_images"] == 1347
 
 
+def two_rank_recover(runs, emu: bool) -> Path:
+    """The uninterrupted 2-rank recover run (made once per module)."""
+    out = runs["root"] / f"rc2_emu{emu}"
+    if not (out / "results.json").is_file():
+        _ok(torchrun("recover", "--from", str(runs["st"]), "--out", str(out), *RECOVER, "--set", f"recover.emu={emu}"))
+    return out
+
+
 @pytest.mark.parametrize("emu", [False, True])
 def test_recover_two_ranks_against_one_process(runs, emu):
-    flags = RECOVER + ["--set", f"recover.emu={emu}"]
-    two, one = runs["root"] / f"rc2_emu{emu}", runs["root"] / f"rc1_emu{emu}"
-    _ok(torchrun("recover", "--from", str(runs["st"]), "--out", str(two), *flags))
-    assert main(["recover", "--from", str(runs["st"]), "--out", str(one), *flags]) == 0
+    two, one = two_rank_recover(runs, emu), runs["root"] / f"rc1_emu{emu}"
+    assert main(["recover", "--from", str(runs["st"]), "--out", str(one), *RECOVER, "--set", f"recover.emu={emu}"]) == 0
     names = sorted(p.name for p in (one / "batches").iterdir())
-    assert names == sorted(p.name for p in (two / "batches").iterdir()) and len(names) == 4  # none missing
+    assert names == sorted(p.name for p in (two / "batches").iterdir()) and len(names) == 6  # none missing
     assert sorted(p.relative_to(two) for p in two.glob("new*/*.png")) == \
         sorted(p.relative_to(one) for p in one.glob("new*/*.png"))
     assert not (two / "checkpoints").exists()
@@ -75,11 +87,42 @@ def test_recover_two_ranks_against_one_process(runs, emu):
             for n in names]
     if emu:
         # class-batch 1 starts from no EMU on both; the others see other running means
-        assert same == [True, False, False, False]
+        assert same == [True] + [False] * 5
     else:
         assert all(same) and torch.equal(got["images"], want["images"])
     log = (two / "log.txt").read_text()
-    assert "class-batch 1/4" in log and "class-batch 3/4" in log and "class-batches ..4 are finished" in log
+    assert "class-batch 1/6" in log and "class-batch 5/6" in log and "class-batches ..6 are finished" in log
+
+
+def _children(pid: int) -> list[int]:
+    return [int(c) for t in os.listdir(f"/proc/{pid}/task")
+            for c in Path(f"/proc/{pid}/task/{t}/children").read_text().split()]
+
+
+def test_recover_two_ranks_killed_and_resumed_is_bit_identical(runs):
+    reference = two_rank_recover(runs, True)
+    out = runs["root"] / "rc2_killed"
+    argv = ["recover", "--from", str(runs["st"]), "--out", str(out), *RECOVER, "--set", "recover.emu=True"]
+    proc = subprocess.Popen(torchrun_command(*argv), env=env(), cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    first_round = out / "batches" / "ipc000_batch0001.safetensors"
+    deadline = time.monotonic() + 120
+    while not first_round.exists():
+        assert proc.poll() is None and time.monotonic() < deadline
+        time.sleep(0.002)
+    for pid in _children(proc.pid) + [proc.pid]:  # the two workers, then torchrun itself
+        os.kill(pid, signal.SIGKILL)
+    proc.wait()
+    time.sleep(0.2)
+    assert not (out / "distilled.safetensors").exists()
+    assert len(list((out / "checkpoints").glob("recover_rank*.safetensors"))) == 2
+
+    _ok(torchrun(*argv))
+    log = (out / "log.txt").read_text()
+    assert "resuming after class-batch 2/6" in log or "resuming after class-batch 4/6" in log
+    got, want = load_file(str(out / "distilled.safetensors")), load_file(str(reference / "distilled.safetensors"))
+    assert torch.equal(got["images"], want["images"]) and torch.equal(got["labels"], want["labels"])
+    assert not (out / "checkpoints").exists()
 
 
 def test_evaluate_ddp_matches_one_process(runs):
