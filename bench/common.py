@@ -33,10 +33,45 @@ def median_ms(fn, device="cpu", warmup: int = 2, repeat: int = 7) -> dict:
     return {"median_ms": statistics.median(times), "min_ms": min(times), "max_ms": max(times), "repeat": repeat}
 
 
+def interleaved_ms(fns: dict, device="cpu", warmup: int = 1, repeat: int = 5) -> dict:
+    """Time several functions round-robin (one run of each per round, ``repeat`` rounds after
+    ``warmup``), so that a change of machine load hits all of them alike: on a shared CPU only
+    ratios measured this way are comparable. Returns name -> median_ms / min_ms / max_ms."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    times = {name: [] for name in fns}
+    for _ in range(repeat):
+        for name, fn in fns.items():
+            sync(device)
+            start = time.perf_counter()
+            fn()
+            sync(device)
+            times[name].append((time.perf_counter() - start) * 1e3)
+    return {name: {"median_ms": statistics.median(t), "min_ms": min(t), "max_ms": max(t), "repeat": repeat}
+            for name, t in times.items()}
+
+
+def set_threads(threads: int) -> None:
+    """``threads`` > 0: torch's CPU thread count (1 gives steadier timings when the cores are shared)."""
+    if threads > 0:
+        torch.set_num_threads(threads)
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def machine() -> dict:
     info = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "python": platform.python_version(),
-            "torch": torch.__version__, "cpu": platform.processor() or platform.machine(),
-            "threads": torch.get_num_threads(), "cores": os.cpu_count()}
+            "torch": torch.__version__, "cpu": cpu_name(), "threads": torch.get_num_threads(),
+            "cores": os.cpu_count(), "load_avg_1_5_15": [round(v, 2) for v in os.getloadavg()]}
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name()
     return info

@@ -20,6 +20,7 @@ from torch import nn
 
 from .errors import ConfigError, NonFiniteError, StatsFileError, StatsMismatchError
 from .ops import as_label_matrix, site_stats
+from .profiling import annotate
 from .progress import progress
 from .sites import SiteHooks
 
@@ -209,6 +210,7 @@ class RealStats:
         return cls(sites, meta["shapes"], meta["model_class"], meta["num_images"], meta["num_classes"])
 
 
+@annotate("stats")
 @torch.no_grad()
 def collect_real_stats(model: nn.Module, loader, num_classes: int, sites="bn", device=None,
                        show_progress: bool | None = None, distributed: bool = False) -> RealStats:

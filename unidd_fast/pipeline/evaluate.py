@@ -22,6 +22,7 @@ from torchvision.datasets.folder import IMG_EXTENSIONS, make_dataset
 
 from .. import distributed
 from ..errors import ConfigError
+from ..profiling import annotate
 from ..progress import progress
 from ..reference import acc_dtype
 from .augment import cutmix, make_augment
@@ -94,6 +95,7 @@ def load_distilled(path, data: Data) -> tuple[torch.utils.data.Dataset, int]:
     return TensorImages(images, labels, data.mean, data.std, size), len(samples)
 
 
+@annotate("evaluate")
 def train_student(student: nn.Module, teacher: nn.Module, distilled, cfg: Config, device, seed: int,
                   desc: str = "evaluate", log=None, checkpoint_path=None) -> float:
     """Online KD of ``student`` from ``teacher`` on ``distilled`` (cfg.evaluate settings),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch.nn.functional as F
 
+from ..profiling import annotate
 from .augment import make_augment
 from .checkpoint import EpochCheckpoint
 from .config import Config
@@ -15,6 +16,7 @@ from .train import accuracy, fit, lr_at, make_generator, make_optimizer, setup_d
 CHECKPOINT = "checkpoints/squeeze.pt"
 
 
+@annotate("squeeze")
 def train_teacher(model, data: Data, cfg: Config, device, seed: int, log=None, checkpoint_path=None) -> float:
     """SGD (or AdamW) with a cosine or step schedule and batch augmentation on ``device``;
     resumable from, and checkpointed every ``cfg.checkpoint_every`` seconds into,

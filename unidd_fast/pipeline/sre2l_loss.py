@@ -19,8 +19,11 @@ class BNFeatureHook:
 
     def update(self, feat: torch.Tensor) -> None:
         x = feat.float() if feat.dtype != torch.float64 else feat
-        mean = x.mean((0, 2, 3))
-        var = x.var((0, 2, 3), unbiased=False)
+        # centred two-pass variance on the (n·h·w, d) rows (a view for channels_last input):
+        # 3× faster forward + backward on the CPU than x.var((0, 2, 3)) (bench_recover_step)
+        rows = x.permute(0, 2, 3, 1).reshape(-1, x.shape[1])
+        mean = rows.mean(0)
+        var = torch.linalg.vector_norm(rows - mean, dim=0).square() / rows.shape[0]
         self.r_feature = (torch.linalg.vector_norm(mean - self.module.running_mean)
                           + torch.linalg.vector_norm(var - self.module.running_var))
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch.utils.data import DataLoader, Subset
@@ -81,6 +82,7 @@ def run(cfg: Config, out: RunDir, teacher_path, batch_size: int = 256, chunk_bat
     data = prepare_data(cfg)
     teacher, spec = load_teacher(teacher_path, device)
     check_teacher(spec, data)
+    teacher.to(memory_format=torch.channels_last)  # the site statistics then read (n·h·w, d) rows as views
     if (done := out.start("stats", cfg, {"teacher": teacher_path})) is not None:
         return done
     here = distributed.info()

@@ -212,17 +212,18 @@ class RecoverEngine:
             slot = self._slots[key] = _Slot(key, self.rc, self.device, self.memory_format, self.options.cuda_graphs)
         init, targets = init.to(self.device), targets.to(self.device)
         slot.reset(init, targets)
-        if self.options.cuda_graphs and slot.graph is None:
-            self._capture(slot, init, targets)
-        for it in progress(range(T), desc=desc):
-            if slot.graph is not None:
-                slot.graph.replay()
-            else:
-                try:
-                    slot.out = self._iteration(slot)
-                except (NonFiniteError, NotPositiveDefiniteError) as exc:
-                    raise type(exc)(f"iteration {it + 1}/{T}: {exc}") from exc
-            if (it + 1) % self.check_every == 0 or it + 1 == T:
-                raise_if_not_finite(slot.finite[: it + 1], T)
+        with annotate("recover/class-batch"):
+            if self.options.cuda_graphs and slot.graph is None:
+                self._capture(slot, init, targets)
+            for it in progress(range(T), desc=desc):
+                if slot.graph is not None:
+                    slot.graph.replay()
+                else:
+                    try:
+                        slot.out = self._iteration(slot)
+                    except (NonFiniteError, NotPositiveDefiniteError) as exc:
+                        raise type(exc)(f"iteration {it + 1}/{T}: {exc}") from exc
+                if (it + 1) % self.check_every == 0 or it + 1 == T:
+                    raise_if_not_finite(slot.finite[: it + 1], T)
         ce, reg = slot.out
         return slot.images.detach().clone(), ce.clone(), reg.clone()
