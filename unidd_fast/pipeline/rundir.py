@@ -23,10 +23,12 @@ from .. import distributed
 from ..errors import ConfigError
 from ..real_stats import atomic_write
 from .config import Config, validate
+from .config import from_dict as config_from_dict
 
 RUN_FILE = "run.json"
 # Keys that change how a stage runs, not what it computes: resuming with other values is fine.
-RUNTIME_KEYS = frozenset({"device", "threads", "checkpoint_every", "data.workers", "recover.backend"})
+RUNTIME_KEYS = frozenset({"device", "threads", "checkpoint_every", "data.workers", "recover.backend",
+                          "recover.cuda_graphs", "recover.compile"})
 # What each stage's result depends on (config sections or keys); "distill" compares everything.
 STAGE_KEYS = {
     "squeeze": ("data", "model", "squeeze", "seeds"),
@@ -188,6 +190,10 @@ class RunDir:
         if before.get("stage") != stage:
             raise ConfigError(f"{self.path} holds a `{before.get('stage')}` run, not `{stage}`: {hint}")
         old = self._read("config.json") or {}
+        try:  # keys added to Config since the file was written take their defaults
+            old = config_from_dict(old).to_dict()
+        except ConfigError:
+            pass  # compared as written
         new = cfg.to_dict()
         flat_old, flat_new = flatten(old), flatten(new)
         changes = [f"{k}: {_show(flat_old.get(k))} -> {_show(flat_new.get(k))}" for k in config_diff(old, new, stage)]
