@@ -151,3 +151,17 @@ def test_validate_is_called_by_the_stages_too(tmp_path):
     cfg.ipc = [0]
     with pytest.raises(ConfigError, match="ipc=0 is invalid"):
         RunDir(tmp_path).start("recover", cfg)
+
+
+def test_keys_added_since_a_config_was_written_take_their_defaults(tmp_path):
+    from unidd_fast.pipeline.rundir import RunDir
+
+    cfg = config.defaults("digits")
+    assert RunDir(tmp_path).start("recover", cfg) is None
+    raw = json.loads((tmp_path / "config.json").read_text())
+    del raw["recover"]["eta"], raw["data"]["flip"]  # as if written by an older version
+    (tmp_path / "config.json").write_text(json.dumps(raw))
+    assert RunDir(tmp_path).start("recover", cfg) is None  # resumes
+    cfg.recover.eta = 0.3
+    with pytest.raises(ConfigError, match=r"recover.eta: 0.1 -> 0.3"):
+        RunDir(tmp_path).start("recover", cfg)
