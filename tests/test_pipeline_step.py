@@ -12,7 +12,7 @@ import torch
 
 from unidd_fast import CFMLoss, collect_real_stats, ops, reference
 from unidd_fast.errors import ConfigError, NonFiniteError
-from unidd_fast.pipeline.augment import make_augment
+from unidd_fast.pipeline.augment import Augment, make_augment
 from unidd_fast.pipeline.config import RecoverConfig
 from unidd_fast.pipeline.models import build_model
 from unidd_fast.pipeline.recover import pixel_bounds
@@ -229,7 +229,8 @@ def test_compiled_teacher_keeps_the_hooks(gen):
 def test_non_finite_images_are_reported_with_their_iteration(gen):
     model = _teacher(gen)
     rc = RecoverConfig(iterations=3, lr=0.05)
-    engine = RecoverEngine(model, None, rc, AUG, None, LO, HI, check_every=3)
+    identity = Augment(scale=(1, 1), ratio=(1, 1), shift=0.0, flip=False)  # every pixel reaches the loss
+    engine = RecoverEngine(model, None, rc, identity, None, LO, HI, check_every=3)
     init = torch.randn(3, 2, 8, 8, generator=gen)
     init[1, 0, 2, 2] = float("nan")
     with pytest.raises(NonFiniteError, match=r"iteration 1/3: the loss"):
