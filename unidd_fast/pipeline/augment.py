@@ -56,15 +56,16 @@ class Augment:
         return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 
 
-def make_augment(kind: str, crop_min: float = 0.08, shift: float = 0.125) -> Augment:
-    """"crop": translation by up to ``shift`` + flip (CIFAR's pad-and-crop); "rrc": random
-    resized crop with area in [crop_min, 1] + flip; "recover": both (the synthetic batch)."""
+def make_augment(kind: str, crop_min: float = 0.08, shift: float = 0.125, flip: bool = True) -> Augment:
+    """"crop": translation by up to ``shift`` (CIFAR's pad-and-crop); "rrc": random resized
+    crop with area in [crop_min, 1]; "recover": both (the synthetic batch). Each with a
+    horizontal flip unless ``flip`` is False (data whose labels a mirror changes: digits)."""
     if kind == "crop":
-        return Augment(scale=(1.0, 1.0), ratio=(1.0, 1.0), shift=shift)
+        return Augment(scale=(1.0, 1.0), ratio=(1.0, 1.0), shift=shift, flip=flip)
     if kind == "rrc":
-        return Augment(scale=(crop_min, 1.0))
+        return Augment(scale=(crop_min, 1.0), flip=flip)
     if kind == "recover":
-        return Augment(scale=(crop_min, 1.0), shift=shift)
+        return Augment(scale=(crop_min, 1.0), shift=shift, flip=flip)
     raise ValueError(f"unknown augmentation {kind!r}")
 
 

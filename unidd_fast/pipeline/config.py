@@ -29,6 +29,7 @@ class DataConfig:
     channels: int = 3
     mean: tuple = ()            # per-channel normalisation; () = computed from the data (digits)
     std: tuple = ()
+    flip: bool = True           # horizontal flips in every augmentation (off where a mirror changes the label)
     resize_ratio: float = 1.0   # ImageFolder: resize the short side to image_size·ratio, centre crop
     test_size: float = 0.25     # digits: fraction held out (stratified) as the test set
     split_seed: int = 0
@@ -127,13 +128,13 @@ _CIFAR_SQUEEZE = dict(epochs=200, lr=0.1, weight_decay=5e-4, batch_size=128, sch
 _CIFAR_RECOVER = dict(beta=0.1, iterations=1000, lr=0.25, batch_size=10, crop_min=0.5)
 DEFAULTS: dict[str, dict] = {
     "digits": {
-        "data": dict(image_size=16, channels=1),
+        "data": dict(image_size=16, channels=1, flip=False),
         "model": dict(arch="convnet", width=32, depth=3),
         "squeeze": dict(epochs=15, optimizer="sgd", lr=0.05, weight_decay=5e-4, batch_size=64,
                         scheduler="cosine", augment="crop"),
-        "recover": dict(beta=0.1, iterations=300, lr=0.1, batch_size=10, crop_min=0.5, shift=0.125),
+        "recover": dict(beta=0.1, iterations=1000, lr=0.25, batch_size=10, crop_min=0.5, shift=0.125),
         "evaluate": dict(epochs=300, optimizer="adamw", lr=3e-3, weight_decay=5e-4, batch_size=50,
-                         temperature=4.0, augment="crop"),
+                         temperature=20.0, augment="crop"),
         "ipc": [1, 10],
         "seeds": [0, 1],
         "device": "cpu",

@@ -107,7 +107,7 @@ def train_student(student: nn.Module, teacher: nn.Module, distilled, cfg: Config
     batch. BatchNorm sees the slice (SyncBatchNorm on GPUs; it has no CPU implementation)."""
     ev = cfg.evaluate
     here = distributed.info()
-    aug = make_augment(ev.augment, ev.crop_min)
+    aug = make_augment(ev.augment, ev.crop_min, flip=cfg.data.flip)
     generator = make_generator(device, seed)
     shuffle = make_generator(torch.device("cpu"), seed)
     world, rank = here.world_size, here.rank

@@ -277,7 +277,7 @@ def recover_one(cfg: Config, data: Data, model: nn.Module, stats: RealStats | No
             def fold():
                 distributed.merge_emu(regularizer)
         lo, hi = pixel_bounds(data.mean, data.std, device)
-        augment = make_augment("recover", rc.crop_min, rc.shift)
+        augment = make_augment("recover", rc.crop_min, rc.shift, cfg.data.flip)
         recover_set(model, regularizer, plan, init, rc, ipc, augment, make_generator(device, seed), lo, hi,
                     on_batch, desc=name, seed=seed, rounds=rounds, fold=fold)
     finally:

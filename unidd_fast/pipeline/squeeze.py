@@ -22,7 +22,7 @@ def train_teacher(model, data: Data, cfg: Config, device, seed: int, log=None, c
     resumable from, and checkpointed every ``cfg.checkpoint_every`` seconds into,
     ``checkpoint_path`` (deleted once training ends)."""
     sq = cfg.squeeze
-    aug = make_augment(sq.augment, sq.crop_min)
+    aug = make_augment(sq.augment, sq.crop_min, flip=cfg.data.flip)
     generator = make_generator(device, seed)
     shuffle = make_generator("cpu", seed)
     train = Batches(data.train, sq.batch_size, shuffle=True, generator=shuffle, device=device,

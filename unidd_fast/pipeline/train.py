@@ -90,7 +90,7 @@ def fit(model: nn.Module, batches: Batches, epochs: int, optimizer: torch.optim.
     for epoch in bar:
         running = torch.zeros((), device=batches.device)
         count = 0
-        for x, y in batches:
+        for x, y in progress(batches, desc=f"{desc} epoch {epoch + 1}", total=len(batches)):
             set_lr(optimizer, lr_fn(step, total))
             loss = loss_fn(x, y)
             optimizer.zero_grad(set_to_none=True)
