@@ -114,11 +114,13 @@ def test_stats_resumes_after_the_last_chunk(runs, tmp_path, monkeypatch):
         for field in ("psi", "mu", "phi", "phi_soft"):
             assert torch.equal(getattr(got[name], field), getattr(want[name], field)), (name, field)
 
-    # against one uninterrupted pass over the same batches: the chunks' moments are merged
-    # in float64 instead of batch by batch (relative differences ~1e-16)
+    # against one uninterrupted pass over the same batches with collect_real_stats: the
+    # chunks' float64 moments are merged exactly; what may differ is the float32 rounding of
+    # each batch's features and covariance (the stage may run the teacher channels_last,
+    # which sums the convolutions in another order): ~1e-7 of the largest entry
     model, _ = load_teacher(teacher)
     one_pass = collect_real_stats(model, Batches(prepare_data(cfg).train, 200), 10)
     for name in want.sites:
         for field in ("psi", "mu", "phi", "phi_soft"):
             ref = getattr(one_pass[name], field)
-            torch.testing.assert_close(getattr(got[name], field), ref, rtol=1e-10, atol=1e-12 * ref.abs().max())
+            torch.testing.assert_close(getattr(got[name], field), ref, rtol=1e-5, atol=1e-6 * ref.abs().max())
