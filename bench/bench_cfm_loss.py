@@ -3,7 +3,9 @@
 obvious implementation (torch.cov on a permuted copy + torch.linalg.solve of both sides at
 every call, as public CFM code does).
 
-    python bench/bench_cfm_loss.py [--batch 100] [--device cpu] [--backend auto]
+Ours and the obvious implementation are timed round-robin (bench/common.interleaved_ms).
+
+    python bench/bench_cfm_loss.py [--batch 100] [--device cpu] [--backend auto] [--threads N]
 """
 from __future__ import annotations
 
@@ -12,7 +14,7 @@ import argparse
 import torch
 
 import unidd_fast as uf
-from common import median_ms, report
+from common import interleaved_ms, report, set_threads
 from sites import SiteBank, cifar_resnet18, random_real_stats, relu_features, site_shapes
 
 
@@ -40,7 +42,9 @@ def main(argv=None):
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--backend", default="auto")
     parser.add_argument("--repeat", type=int, default=7)
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     args = parser.parse_args(argv)
+    set_threads(args.threads)
     gen = torch.Generator().manual_seed(0)
     shapes = site_shapes(cifar_resnet18(), 32, args.batch)
     bank = SiteBank(shapes).to(args.device)
@@ -61,12 +65,14 @@ def main(argv=None):
 
         bank(feats)
         check = cfm(targets).item()
-        want = float(obvious_loss(stats, list(shapes), feats, targets, args.classes, 0.1, 0.1))
-        t_ours = median_ms(ours, args.device, repeat=args.repeat)
-        t_obv = median_ms(obvious, args.device, repeat=args.repeat)
+        with torch.no_grad():
+            want = float(obvious_loss(stats, list(shapes), feats, targets, args.classes, 0.1, 0.1))
+        times = interleaved_ms({"ours": ours, "obvious": obvious}, args.device, warmup=2, repeat=args.repeat)
+        t_ours, t_obv = times["ours"], times["obvious"]
         cfm.remove()
         rows.append({"layout": fmt_name, "sites": len(shapes), "batch": args.batch, "ours_ms": t_ours["median_ms"],
                      "obvious_ms": t_obv["median_ms"], "speedup": t_obv["median_ms"] / t_ours["median_ms"],
+                     "ours_min_ms": t_ours["min_ms"], "obvious_min_ms": t_obv["min_ms"],
                      "loss_ours": check, "loss_obvious": want, "device": args.device})
     report("cfm_loss", rows, ["layout", "sites", "batch", "ours_ms", "obvious_ms", "speedup", "loss_ours", "loss_obvious"])
 

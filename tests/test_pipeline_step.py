@@ -128,9 +128,14 @@ def test_graph_safe_cfm_state_equals_python_numbers(gen):
         # same operations on the same float64 values; only the scalar's route differs
         torch.testing.assert_close(ls, lp, rtol=1e-13, atol=0)
         torch.testing.assert_close(gs, gp, rtol=1e-12, atol=1e-15)
+        outputs = safe.graph_outputs()  # what a replayed graph refreshes in place
         for cfm in (plain, safe):
             cfm.next_batch()
         assert float(safe._b_dev) == safe.b == plain.b
+        assert not safe._last and outputs  # next_batch consumed them; a replay would not set them again
+        safe.set_graph_outputs(outputs)
+        assert safe._last.keys() == outputs.keys()
+        safe.set_graph_outputs({})
     state = plain.state_dict()
     assert set(safe.state_dict()) == set(state)
     buffers = {d: tuple(t.data_ptr() for t in pair) for d, pair in safe._bar.items()}

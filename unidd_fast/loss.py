@@ -159,6 +159,15 @@ class CFMLoss:
         self.check_finite = False
         self.graph_safe = True
 
+    def graph_outputs(self) -> dict:
+        """The detached statistics of the last ``cfm(targets)``: a captured call writes them
+        again on every replay, but a replay runs no Python, so after replaying a graph hand
+        them back with ``set_graph_outputs`` before ``next_batch``."""
+        return dict(self._last)
+
+    def set_graph_outputs(self, outputs: dict) -> None:
+        self._last = dict(outputs)
+
     def _fold_and_real(self, d, psi_b, sig_b, f_filter, f_signal):
         """EMU-folded synthetic (Ψ_s, signal) and the real side (F, T) of width ``d``."""
         if not self.graph_safe:

@@ -121,6 +121,7 @@ class _Slot:
         self.optimizer = torch.optim.Adam([self.images], lr=self.lr, betas=tuple(rc.betas), capturable=capturable)
         self.graph = None
         self.out = None
+        self.reg_outputs = None  # what the regulariser's captured call writes on every replay
 
     def reset(self, init: torch.Tensor, targets: torch.Tensor) -> None:
         """Start a class-batch: images from ``init``, fresh Adam state, iteration 0."""
@@ -198,6 +199,8 @@ class RecoverEngine:
         with annotate("recover/graph capture"), torch.cuda.graph(graph):
             slot.out = self._iteration(slot)
         slot.graph = graph
+        if hasattr(self.regularizer, "graph_outputs"):
+            slot.reg_outputs = self.regularizer.graph_outputs()
 
     def run(self, init: torch.Tensor, targets: torch.Tensor, desc: str = "iterations"):
         """Optimise one class-batch from ``init`` (k, C, H, W) toward ``targets`` (k,).
@@ -225,5 +228,9 @@ class RecoverEngine:
                         raise type(exc)(f"iteration {it + 1}/{T}: {exc}") from exc
                 if (it + 1) % self.check_every == 0 or it + 1 == T:
                     raise_if_not_finite(slot.finite[: it + 1], T)
+            if slot.graph is not None and slot.reg_outputs is not None:
+                # the replays refreshed the captured statistics; point the regulariser at this
+                # shape's (another shape's graph may have been captured or replayed since)
+                self.regularizer.set_graph_outputs(slot.reg_outputs)
         ce, reg = slot.out
         return slot.images.detach().clone(), ce.clone(), reg.clone()
