@@ -26,8 +26,8 @@ from _tiny_runs import ROOT, env, squeeze_and_stats, torchrun, torchrun_command
 from unidd_fast import RealStats
 from unidd_fast.cli import main
 
-# 6 class-batches in 3 rounds, each long enough (~0.5 s) for the kill test to land mid-run
-RECOVER = ["--ipc", "3", "--seeds", "0", "--set", "recover.batch_size=5", "--iterations", "300", "--quiet"]
+# 6 class-batches in 3 rounds, each long enough (~0.3 s) for the kill test to land mid-run
+RECOVER = ["--ipc", "3", "--seeds", "0", "--set", "recover.batch_size=5", "--iterations", "200", "--quiet"]
 
 
 @pytest.fixture(scope="module")
