@@ -53,7 +53,6 @@ def _chol_tile(a, B: tl.constexpr):
     """Unblocked Cholesky of a B×B register tile (lower triangle read). Returns L and the
     first local column whose pivot is not > 0 (B when none)."""
     r = tl.arange(0, B)
-    rows = r[:, None]
     cols = r[None, :]
     low = tl.zeros((B, B), dtype=a.dtype)
     bad = tl.full((), B, tl.int32)

@@ -13,3 +13,11 @@ import torch  # noqa: E402
 def gen():
     """A fresh, seeded generator per test: random but reproducible inputs."""
     return torch.Generator().manual_seed(torch.initial_seed() % (2**31) + 12345)
+
+
+@pytest.fixture(autouse=True)
+def _restore_threads():
+    """Stages may set torch's thread count (config ``threads``); no test leaks it into the next."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)

@@ -3,7 +3,6 @@ squeeze → stats → recover → evaluate, the digits default, the run-director
 import json
 
 import pytest
-import torch
 from safetensors.torch import load_file
 
 from _pipeline_data import write_cifar, write_image_folders, write_tiny_imagenet
@@ -13,14 +12,6 @@ TINY = ["--quiet", "--device", "cpu", "--set", "threads=1", "--set", "model.widt
         "model.depth=1", "--set", "data.image_size=8", "--set", "data.workers=0", "--set", "squeeze.epochs=1",
         "--set", "squeeze.batch_size=4", "--set", "squeeze.lr=0.01", "--set", "evaluate.epochs=1", "--set", "evaluate.batch_size=4",
         "--set", "recover.batch_size=2"]
-
-
-@pytest.fixture(autouse=True)
-def _restore_threads():
-    """Runs set torch's thread count (config "threads"); give other tests theirs back."""
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
 
 
 def _write(kind, root):

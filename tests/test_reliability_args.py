@@ -4,7 +4,6 @@ returns a finished run as it is, and starts over with --force."""
 import json
 
 import pytest
-import torch
 
 from _pipeline_data import write_image_folders
 from _tiny_runs import TINY, squeeze_and_stats
@@ -22,12 +21,6 @@ def runs(tmp_path_factory):
     write_image_folders(root / "folder", per_class=2, size=8)  # 3 classes
     return {"sq": sq, "st": st, "root": root}
 
-
-@pytest.fixture(autouse=True)
-def _restore_threads():
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
 
 
 def _fails(argv, capsys, *messages):

@@ -29,12 +29,6 @@ def runs(tmp_path_factory):
     return {"root": root, "sq": sq, "st": st}
 
 
-@pytest.fixture(autouse=True)
-def _restore_threads():
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
-
 
 def crash_after_save(monkeypatch, path_name: str, epoch: int):
     """Make EpochCheckpoint raise Crash right after it wrote ``path_name`` at ``epoch``."""

@@ -37,12 +37,6 @@ def runs(tmp_path_factory):
     return {"root": root, "sq": sq, "st": st}
 
 
-@pytest.fixture(autouse=True)
-def _restore_threads():
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
-
 
 def _ok(done):
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
