@@ -10,7 +10,7 @@ CFM runs with its EMU active (b = 2) and the real side cached, as in every class
 the first.
 
     python bench/bench_recover_step.py [--batch 100] [--steps 2] [--repeat 5] [--threads 1]
-        [--layouts channels_last,NCHW] [--precisions fp32,bf16] [--device cpu]
+        [--layouts channels_last,NCHW] [--precisions fp32,bf16] [--device cpu] [--compile]
 """
 from __future__ import annotations
 
@@ -60,6 +60,7 @@ def main(argv=None):
     parser.add_argument("--precisions", default="fp32")
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the teacher (inductor)")
     parser.add_argument("--name", default="recover_step", help="JSON file name under bench/out/")
     args = parser.parse_args(argv)
     set_threads(args.threads)
@@ -75,7 +76,7 @@ def main(argv=None):
     rows = []
     for layout in args.layouts.split(","):
         for precision in args.precisions.split(","):
-            options = StepOptions(precision=precision, channels_last=layout == "channels_last")
+            options = StepOptions(precision=precision, channels_last=layout == "channels_last", compile=args.compile)
             runs, regs = {}, []
             for i, name in enumerate(args.variants.split(",")):
                 engine, reg = make_variant(name, teacher, stats, rc, options, lo, hi, seed=i)
@@ -91,7 +92,8 @@ def main(argv=None):
             base = {k: times[k]["median_ms"] for k in ("bare", "sre2l") if k in times}
             for name, t in times.items():
                 ms = t["median_ms"] / args.steps
-                rows.append({"layout": layout, "precision": precision, "variant": name, "ms_per_step": ms,
+                rows.append({"layout": layout, "precision": precision, "compile": args.compile, "variant": name,
+                             "ms_per_step": ms,
                              "img_per_s": args.batch / ms * 1e3,
                              "vs_sre2l": t["median_ms"] / base["sre2l"] if "sre2l" in base else None,
                              "vs_bare": t["median_ms"] / base["bare"] if "bare" in base else None,

@@ -5,6 +5,7 @@ state, no host synchronisation in the step, bf16 autocast within bf16 tolerance,
 CUDA graphs cannot run here; the function they capture (RecoverEngine._iteration with a
 graph-safe regulariser) is the one these tests run eagerly on the CPU."""
 import contextlib
+import copy
 import math
 
 import pytest
@@ -215,20 +216,27 @@ def test_bf16_autocast_stays_within_bf16_tolerance_and_keeps_statistics_fp32(gen
 
 def test_compiled_teacher_keeps_the_hooks(gen):
     """torch.compile of the teacher (backend "eager": dynamo tracing without code generation,
-    fast enough for a test) still feeds every site to the regulariser: same result."""
+    fast enough for a test) still feeds every site to the regulariser: same result, also
+    after another instance of the same class was compiled without hooks."""
     model = _teacher(gen)
     stats = _stats(model, gen)
     rc = RecoverConfig(iterations=2, lr=0.05)
-    inits, targets = [torch.randn(3, 2, 8, 8, generator=gen)], [torch.tensor([0, 1, 2])]
+    hookless = RecoverEngine(copy.deepcopy(model), None, rc, AUG, None, LO, HI, StepOptions(compile=True),
+                             compile_backend="eager")
+    hookless.run(torch.randn(3, 2, 8, 8, generator=gen), torch.tensor([0, 1, 2]))
+    # two class-batches: next_batch() between them must not detach the compiled hooks' state
+    inits = [torch.randn(3, 2, 8, 8, generator=gen) for _ in range(2)]
+    targets = [torch.tensor([0, 1, 2]), torch.tensor([2, 1, 0])]
     results = []
     for compiled in (False, True):
         cfm = CFMLoss(model, stats, beta=0.5)
         results.append(_engine_run(model, cfm, rc, inits, targets, 3, options=StepOptions(compile=compiled),
-                                   compile_backend="eager")[0])
-        assert cfm.step == 2
+                                   compile_backend="eager"))
+        assert cfm.step == 4
         cfm.remove()
-    for a, b in zip(*results):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    for want, got in zip(*results):
+        for a, b in zip(want, got):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
 def test_non_finite_images_are_reported_with_their_iteration(gen):

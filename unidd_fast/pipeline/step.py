@@ -162,6 +162,11 @@ class RecoverEngine:
         self.check_every = max(int(check_every), 1)
         self.memory_format = torch.channels_last if options.channels_last else torch.contiguous_format
         model.to(memory_format=self.memory_format)
+        if options.compile:
+            # the regularisers read the teacher through forward hooks; by default dynamo does not
+            # guard on hooks, and an instance with hooks then reuses a graph traced for one
+            # without (same class) and its hooks never run (torch 2.14)
+            torch._dynamo.config.skip_nnmodule_hook_guards = False
         self.forward = torch.compile(model, backend=compile_backend) if options.compile else model
         self._slots: dict[tuple, _Slot] = {}
 
