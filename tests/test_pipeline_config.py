@@ -51,3 +51,13 @@ def test_json_round_trip(tmp_path):
         config.load(tmp_path / "missing.json")
     with pytest.raises(ConfigError, match="unknown dataset"):
         config.defaults("mnist")
+
+
+def test_cuda_graphs_on_a_cpu_run_fails_fast():
+    cfg = config.defaults("digits")
+    cfg.device = "cpu"
+    config.set_value(cfg, "recover.cuda_graphs", "on")
+    with pytest.raises(ConfigError, match="--cuda-graphs on needs a CUDA device"):
+        config.validate(cfg)
+    config.set_value(cfg, "recover.cuda_graphs", "auto")
+    config.validate(cfg)

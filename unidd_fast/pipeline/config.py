@@ -366,6 +366,9 @@ def validate(cfg: Config) -> None:
     if data.mean and len(data.mean) != data.channels or data.std and len(data.std) != data.channels:
         raise ConfigError(f"data.mean/data.std need {data.channels} values (one per channel), got {data.mean} / "
                           f"{data.std}: --set data.mean=...,... --set data.std=...,...")
+    if cfg.recover.cuda_graphs == "on" and cfg.device == "cpu":
+        raise ConfigError("--cuda-graphs on needs a CUDA device, the run is on cpu; use --cuda-graphs off "
+                          "(or auto) or --device cuda")
     archs = {model.arch, cfg.evaluate.arch or model.arch}
     if "convnet" in archs and data.image_size % 2**model.depth:
         raise ConfigError(f"convnet with model.depth={model.depth} halves the image {model.depth} times: "
