@@ -13,6 +13,7 @@ side), so per matrix potrf + potri, serialised on the stream.
 """
 from __future__ import annotations
 
+from collections import Counter
 import argparse
 import functools
 import re
@@ -125,9 +126,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     rows, totals = [], []
     for geo, shapes in geometries().items():
-        by_shape = {}
-        for shape in shapes.values():
-            by_shape[shape] = by_shape.get(shape, 0) + 1
+        by_shape = Counter(shapes.values())
         ours = torch_total = 0.0
         for (n, d, h, w), count in by_shape.items():
             for kernel, model in (("stats fwd (cuda)", stats_fwd), ("stats bwd (cuda)", stats_bwd),

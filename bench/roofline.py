@@ -17,6 +17,7 @@ the predicted CFM overhead over the bare teacher step and over SRe2L. PREDICTION
 """
 from __future__ import annotations
 
+from collections import Counter
 import argparse
 import math
 
@@ -283,9 +284,7 @@ def main(argv=None):
         for site, (n, d, h, w) in shapes.items():
             widths.setdefault(d, []).append(site)
         # per distinct site shape: count × per-site kernels
-        by_shape = {}
-        for shape in shapes.values():
-            by_shape[shape] = by_shape.get(shape, 0) + 1
+        by_shape = Counter(shapes.values())
         total_ours = total_torch = 0.0
         for (n, d, h, w), count in by_shape.items():
             for kernel, model in (("site_stats fwd", site_stats_fwd), ("site_stats bwd", site_stats_bwd),
