@@ -7,6 +7,8 @@ eigendecomposition, so their gradients stay exact when eigenvalues repeat.
 """
 from __future__ import annotations
 
+import abc
+
 import torch
 
 from . import ops
@@ -17,13 +19,14 @@ def _eye_like(A: torch.Tensor) -> torch.Tensor:
     return torch.eye(A.shape[-1], dtype=A.dtype, device=A.device).expand_as(A)
 
 
-class SpectralFilter:
+class SpectralFilter(abc.ABC):
     """Base class: a function of the eigenvalues, applied through the eigendecomposition."""
 
     name = "filter"
 
+    @abc.abstractmethod
     def __call__(self, lam: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        """f(λ), elementwise on an eigenvalue tensor."""
 
     def matrix(self, A: torch.Tensor, names=None, backend: str | None = "auto") -> torch.Tensor:
         """f(A) for symmetric A of shape (..., d, d); ``names`` label batch entries in errors."""
