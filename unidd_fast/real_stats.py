@@ -51,20 +51,13 @@ class MomentAccumulator:
         self.mean = self.m2 = self.label_sum = self.soft_sum = None
 
     def update(self, psi_b, mu_b, pooled, onehot, probs, rows: int) -> None:
-        psi_b, mu_b, pooled = psi_b.double(), mu_b.double(), pooled.double()
-        m2_b = psi_b * rows
-        if self.count == 0:
-            self.mean, self.m2 = mu_b.clone(), m2_b
-            self.label_sum = pooled.T @ onehot.double()
-            self.soft_sum = pooled.T @ probs.double()
-        else:
-            total = self.count + rows
-            delta = mu_b - self.mean
-            self.mean += delta * (rows / total)
-            self.m2 += m2_b + torch.outer(delta, delta) * (self.count * rows / total)
-            self.label_sum += pooled.T @ onehot.double()
-            self.soft_sum += pooled.T @ probs.double()
-        self.count += rows
+        """Fold in one batch: its covariance psi_b and mean mu_b over ``rows`` rows, pooled (n,d)
+        features and their one-hot / soft labels (n,c)."""
+        batch = MomentAccumulator()
+        pooled = pooled.double()
+        batch.count, batch.mean, batch.m2 = rows, mu_b.double(), psi_b.double() * rows
+        batch.label_sum, batch.soft_sum = pooled.T @ onehot.double(), pooled.T @ probs.double()
+        self.merge(batch)
 
     def merge(self, other: "MomentAccumulator") -> None:
         """Fold another accumulator in (Chan's parallel formula); used to combine shards."""
