@@ -126,6 +126,13 @@ class Config:
 # sized so that `unidd-fast distill` runs on two CPU cores in minutes.
 _CIFAR_SQUEEZE = dict(epochs=200, lr=0.1, weight_decay=5e-4, batch_size=128, scheduler="cosine", augment="crop")
 _CIFAR_RECOVER = dict(beta=0.1, iterations=1000, lr=0.25, batch_size=10, crop_min=0.5)
+_TINY = {
+    "data": dict(image_size=64, channels=3, mean=IMAGENET_MEAN, std=IMAGENET_STD),
+    "squeeze": dict(epochs=50, lr=0.2, weight_decay=1e-4, batch_size=256, scheduler="cosine", augment="rrc"),
+    "recover": dict(beta=1.0, iterations=1000, lr=0.1, batch_size=200),
+    "evaluate": dict(epochs=100, optimizer="sgd", lr=0.2, momentum=0.9, weight_decay=1e-4, batch_size=64,
+                     temperature=20.0, augment="rrc"),
+}
 DEFAULTS: dict[str, dict] = {
     "digits": {
         "data": dict(image_size=16, channels=1, flip=False),
@@ -154,13 +161,7 @@ DEFAULTS: dict[str, dict] = {
         "evaluate": dict(epochs=1000, optimizer="sgd", lr=0.1, momentum=0.9, weight_decay=5e-4, batch_size=64,
                          temperature=30.0, augment="crop"),
     },
-    "tiny-imagenet": {
-        "data": dict(image_size=64, channels=3, mean=IMAGENET_MEAN, std=IMAGENET_STD),
-        "squeeze": dict(epochs=50, lr=0.2, weight_decay=1e-4, batch_size=256, scheduler="cosine", augment="rrc"),
-        "recover": dict(beta=1.0, iterations=1000, lr=0.1, batch_size=200),
-        "evaluate": dict(epochs=100, optimizer="sgd", lr=0.2, momentum=0.9, weight_decay=1e-4, batch_size=64,
-                         temperature=20.0, augment="rrc"),
-    },
+    "tiny-imagenet": _TINY,
     "imagenet": {
         "data": dict(image_size=224, channels=3, mean=IMAGENET_MEAN, std=IMAGENET_STD, resize_ratio=256 / 224),
         "squeeze": dict(epochs=90, lr=0.1, weight_decay=1e-4, batch_size=256, scheduler="step", step_epochs=30,
@@ -169,13 +170,7 @@ DEFAULTS: dict[str, dict] = {
         "evaluate": dict(epochs=300, optimizer="adamw", lr=1e-3, weight_decay=1e-4, batch_size=128,
                          temperature=20.0, augment="rrc"),
     },
-    "folder": {
-        "data": dict(image_size=64, channels=3, mean=IMAGENET_MEAN, std=IMAGENET_STD),
-        "squeeze": dict(epochs=50, lr=0.2, weight_decay=1e-4, batch_size=256, scheduler="cosine", augment="rrc"),
-        "recover": dict(beta=1.0, iterations=1000, lr=0.1, batch_size=100),
-        "evaluate": dict(epochs=100, optimizer="sgd", lr=0.2, momentum=0.9, weight_decay=1e-4, batch_size=64,
-                         temperature=20.0, augment="rrc"),
-    },
+    "folder": dict(_TINY, recover=dict(_TINY["recover"], batch_size=100)),  # Tiny-ImageNet's recipe at 64 px
 }
 
 CHOICES = {
