@@ -18,8 +18,9 @@ import torchvision
 
 from common import OUT, median_ms, report
 from sites import cifar_resnet18, site_shapes
-from unidd_fast import cuda_ops, ops
-from unidd_fast.cuda_build import EmulatedKernels, build_emulator
+from unidd_fast import ops
+from unidd_fast.kernels.cuda import ops as cuda_ops
+from unidd_fast.kernels.cuda.emulator import EmulatedKernels, build_emulator
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 

@@ -14,13 +14,13 @@ side), so per matrix potrf + potri, serialised on the stream.
 from __future__ import annotations
 
 from collections import Counter
-import argparse
 import functools
 import re
 
-from common import OUT, report
+from common import OUT, prediction_args, report
 from roofline import HBM, PEAK, SMS, geometries, term, torch_site_stats_bwd, torch_site_stats_fwd
-from unidd_fast.cuda_build import CSRC, EmulatedKernels, build_emulator
+from unidd_fast.kernels._utils import CSRC
+from unidd_fast.kernels.cuda.emulator import EmulatedKernels, build_emulator
 
 ELEM = {"bf16": 2, "fp32": 4}
 INV_TILE = int(re.search(r"UNIDD_INV_TILE = (\d+)", (CSRC / "unidd_cuda.h").read_text()).group(1))
@@ -120,10 +120,7 @@ def cusolver_model(ds):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16", help="feature-map dtype")
-    parser.add_argument("--markdown", action="store_true", help="also print Markdown tables for bench/RESULTS.md")
-    args = parser.parse_args(argv)
+    args = prediction_args(__doc__, argv)
     rows, totals = [], []
     for geo, shapes in geometries().items():
         by_shape = Counter(shapes.values())

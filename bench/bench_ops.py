@@ -27,7 +27,8 @@ import unidd_fast as uf
 from common import interleaved_ms, report, set_threads
 from sites import cifar_resnet18, site_shapes
 from unidd_fast import filters, ops
-from unidd_fast.backend import cuda_extension_available, triton_available
+from unidd_fast.kernels.registry import cuda_extension_available, triton_available
+from unidd_fast.site_loss import filtered_norms
 
 SITES_PER_WIDTH = 5
 BETA = 0.1
@@ -154,7 +155,7 @@ def main(argv=None):
             (f.sum() + s.sum()).backward()
 
         fns = {"obvious": lambda: loss(lambda ps, fs: obvious_norms(psi_r, phi_r, ps, fs, BETA))}
-        fns.update({b: (lambda b=b: loss(lambda ps, fs: ops.filtered_norms(F_real, T_real, ps, fs, krr, backend=b)))
+        fns.update({b: (lambda b=b: loss(lambda ps, fs: filtered_norms(F_real, T_real, ps, fs, krr, backend=b)))
                     for b in backends(device)})
         times = interleaved_ms(fns, device, repeat=args.repeat)
         add("loss fwd+bwd", f"{k}x{d}x{d}, c={c}", times.pop("obvious")["median_ms"], times)

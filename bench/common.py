@@ -1,6 +1,7 @@
 """Shared benchmark plumbing: timing with warm-up and medians, machine facts, table + JSON."""
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -12,6 +13,14 @@ from pathlib import Path
 import torch
 
 OUT = Path(__file__).resolve().parent / "out"
+
+
+def prediction_args(doc: str, argv=None) -> argparse.Namespace:
+    """``--dtype bf16|fp32`` and ``--markdown``, the flags of the roofline PREDICTION scripts."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16", help="feature-map dtype")
+    parser.add_argument("--markdown", action="store_true", help="also print Markdown tables for bench/RESULTS.md")
+    return parser.parse_args(argv)
 
 
 def sync(device) -> None:

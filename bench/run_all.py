@@ -38,6 +38,8 @@ def plan(cuda: bool, threads: int, quick: bool) -> list[tuple[str, list[str]]]:
         ("bench_ops.py", t + device + (["--repeat", "3"] if quick else ["--repeat", "5"])),
         ("roofline.py", ["--dtype", "bf16"]),
         ("roofline.py", ["--dtype", "fp32"]),
+        ("roofline_step.py", ["--dtype", "bf16"]),
+        ("roofline_step.py", ["--dtype", "fp32"]),
         ("bench_cuda_roofline.py", ["--dtype", "bf16"]),
     ]
     if cuda:

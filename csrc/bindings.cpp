@@ -1,6 +1,6 @@
 // unidd_fast._cuda: the only file of csrc/ that sees torch. It turns tensors into pointers
 // for the torch-free launchers of unidd_cuda.h and enqueues them on the current stream.
-// Buffers, layouts and batching plans come from unidd_fast/cuda_ops.py; the checks here
+// Buffers, layouts and batching plans come from kernels/cuda/ops.py; the checks here
 // are a last line of defence against a wrong pointer, not user-facing validation.
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -119,7 +119,7 @@ void inverse(const std::vector<at::Tensor>& a, const std::vector<at::Tensor>& ou
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "unidd_fast CUDA kernels (csrc/); host logic in unidd_fast/cuda_ops.py";
+  m.doc() = "unidd_fast CUDA kernels (csrc/); host logic in kernels/cuda/ops.py";
   m.attr("device_type") = "cuda";
   m.attr("INVERSE_TILE") = int(UNIDD_INV_TILE);
   m.attr("INVERSE_MAX_GROUPS") = int(UNIDD_INV_MAX_GROUPS);

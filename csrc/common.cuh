@@ -1,7 +1,7 @@
 // Shared helpers of the torch-free CUDA kernels in csrc/.
 //
 // The same sources compile two ways:
-//   * nvcc (the real build, and the compile report of unidd_fast/cuda_build.py);
+//   * nvcc (the real build, and the compile report of kernels/cuda/nvcc.py);
 //   * g++ with -DUNIDD_EMULATE, where csrc/emu.h runs every CUDA thread of a block as a
 //     cooperative fibre on the CPU (tests/test_cuda_emulated.py). That checks indexing,
 //     barriers and the algorithms, not races, the memory model or speed.

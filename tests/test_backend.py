@@ -1,32 +1,42 @@
-"""Backend resolution: explicit names, auto per op and device, clear errors."""
+"""Backend resolution (kernels/registry.py): explicit names, auto per op, device and dtype, clear errors."""
 import pytest
 import torch
 
-from unidd_fast import backend
+from unidd_fast.kernels import registry as backend
 from unidd_fast.errors import ConfigError
 
 
 def test_auto_on_cpu_is_torch():
-    assert backend.resolve_backend("auto", "cpu") == "torch"
-    assert backend.resolve_backend(None, "cpu", "regularized_inverse") == "torch"
+    assert backend.resolve("site_stats", "auto", "cpu") == "torch"
+    assert backend.resolve("regularized_inverse", None, "cpu") == "torch"
 
 
 def test_auto_on_cuda_follows_the_per_op_order(monkeypatch):
     monkeypatch.setattr(backend, "triton_available", lambda: True)
     monkeypatch.setattr(backend, "cuda_extension_available", lambda: True)
-    assert backend.resolve_backend("auto", "cuda", "site_stats") == "triton"
-    assert backend.resolve_backend("auto", "cuda", "regularized_inverse") == "cuda"
+    assert backend.resolve("site_stats", "auto", "cuda") == "triton"
+    assert backend.resolve("regularized_inverse", "auto", "cuda") == "cuda"
     monkeypatch.setattr(backend, "cuda_extension_available", lambda: False)
-    assert backend.resolve_backend("auto", "cuda", "regularized_inverse") == "triton"
+    assert backend.resolve("regularized_inverse", "auto", "cuda") == "triton"
     monkeypatch.setattr(backend, "triton_available", lambda: False)
-    assert backend.resolve_backend("auto", "cuda", "site_stats") == "torch"
+    assert backend.resolve("site_stats", "auto", "cuda") == "torch"
 
 
 def test_env_and_errors(monkeypatch):
     monkeypatch.setenv("UNIDD_BACKEND", "torch")
-    assert backend.resolve_backend(None, "cpu") == "torch"
+    assert backend.resolve("site_stats", None, "cpu") == "torch"
     with pytest.raises(ConfigError, match="unknown backend"):
-        backend.resolve_backend("fast", "cpu")
+        backend.resolve("site_stats", "fast", "cpu")
     monkeypatch.setattr(backend, "cuda_extension_available", lambda: False)
     with pytest.raises(ConfigError, match="UNIDD_BUILD_CUDA"):
-        backend.resolve_backend("cuda", torch.device("cpu"))
+        backend.resolve("site_stats", "cuda", torch.device("cpu"))
+
+
+def test_float64_goes_to_a_backend_that_computes_in_it(monkeypatch):
+    monkeypatch.setattr(backend, "triton_available", lambda: True)
+    monkeypatch.setattr(backend, "cuda_extension_available", lambda: True)
+    assert backend.resolve("regularized_inverse", "auto", "cuda", torch.float64) == "triton"
+    assert backend.resolve("regularized_inverse", "cuda", "cuda", torch.float64) == "torch"
+    assert backend.resolve("regularized_inverse", "cuda", "cuda", torch.bfloat16) == "cuda"
+    assert not backend.BACKENDS["cuda"].supports("cuda", torch.float64)
+    assert backend.BACKENDS["torch"].supports("cpu", torch.float64)

@@ -62,7 +62,7 @@ def test_bad_list_flag_is_an_argparse_error(capsys):
 
 
 def test_kernels_forwards_to_the_aot_tool(monkeypatch):
-    import unidd_fast.kernels.aot as aot
+    import unidd_fast.kernels.compile_report as aot
 
     seen = []
     monkeypatch.setattr(aot, "main", lambda argv: seen.append(argv) or 0)

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from unidd_fast import cuda_build
+from unidd_fast.kernels.cuda import nvcc as cuda_build
 
 ARCHES = ("sm_90a", "sm_80")
 KERNELS = {"pack_kernel", "factor_kernel", "panel_kernel", "lauum_kernel", "psi_kernel"} | {

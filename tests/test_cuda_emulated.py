@@ -1,6 +1,6 @@
 """The csrc/ kernels, compiled by g++ for csrc/emu.h — a CPU emulation of the CUDA thread
 model (blocks in sequence, the threads of a block as fibres that switch at __syncthreads) —
-run through unidd_fast.cuda_ops against the float64 reference.
+run through kernels/cuda/ops.py against the float64 reference.
 
 This executes the kernels' indexing, masking, barriers and fp32 arithmetic for real. It
 does NOT run them on a GPU: races, the memory model, warp behaviour and speed are untested.
@@ -10,8 +10,9 @@ import shutil
 import pytest
 import torch
 
-from unidd_fast import cuda_ops, reference
-from unidd_fast.cuda_build import EmulatedKernels, build_emulator
+from unidd_fast import reference
+from unidd_fast.kernels.cuda import ops as cuda_ops
+from unidd_fast.kernels.cuda.emulator import EmulatedKernels, build_emulator
 from unidd_fast.errors import NotPositiveDefiniteError
 
 pytestmark = pytest.mark.skipif(shutil.which("g++") is None, reason="g++ not found: cannot build the CPU emulation")

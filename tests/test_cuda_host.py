@@ -1,4 +1,4 @@
-"""Host side of the CUDA backend (unidd_fast/cuda_ops.py) on CPU: layouts, batching plans,
+"""Host side of the CUDA backend (kernels/cuda/ops.py) on CPU: layouts, batching plans,
 checks and error messages, run end to end against ``TorchKernels``, a plain-torch double
 with the extension's interface that reads and writes only through the buffers, strides and
 offsets cuda_ops hands it. No CUDA kernel runs here (see test_cuda_emulated.py)."""
@@ -7,7 +7,9 @@ import itertools
 import pytest
 import torch
 
-from unidd_fast import cuda_ops, reference
+from unidd_fast import reference
+from unidd_fast.kernels import composite, registry
+from unidd_fast.kernels.cuda import ops as cuda_ops
 from unidd_fast.errors import ConfigError, NotPositiveDefiniteError
 
 
@@ -117,11 +119,16 @@ def test_site_stats_backward_with_only_some_outputs_used(gen):
     torch.testing.assert_close(x.grad, torch.full_like(x, 1 / 18))
 
 
-def test_site_stats_float64_runs_the_torch_backend(gen):
+def test_float64_is_refused_here_and_routed_to_torch_by_the_registry(gen, monkeypatch):
     x = torch.randn(2, 3, 4, 4, generator=gen, dtype=torch.float64)
-    for o, r in zip(cuda_ops.site_stats_cuda(x, kernels=TorchKernels()), reference.site_stats(x)):
-        assert o.dtype == torch.float64
-        torch.testing.assert_close(o, r)
+    with pytest.raises(ConfigError, match="fp64 runs the torch backend"):
+        cuda_ops.site_stats_cuda(x, kernels=TorchKernels())
+    with pytest.raises(ConfigError, match="float64 matrices run the torch"):
+        cuda_ops.regularized_inverse_cuda(spd(gen, 2, 3).double(), 0.2, kernels=TorchKernels())
+    monkeypatch.setattr(registry, "cuda_extension_available", lambda: True)
+    assert registry.implementation("site_stats", "cuda", "cuda", torch.float64) is composite.site_stats
+    assert registry.implementation("regularized_inverse", "cuda", "cuda", torch.float64) is \
+        composite.regularized_inverse
 
 
 @pytest.mark.parametrize("bad,error,words", [
@@ -215,9 +222,6 @@ def test_inverse_single_tensor_beta_tensor_and_dtypes(gen):
     assert out.shape == A.shape and out.dtype == torch.float32
     torch.testing.assert_close(out.double(), reference.regularized_inverse(A.bfloat16().double(), 0.2),
                                rtol=1e-5, atol=1e-5)
-    A64 = A.double()
-    torch.testing.assert_close(cuda_ops.regularized_inverse_cuda(A64, 0.2, kernels=TorchKernels()),
-                               reference.regularized_inverse(A64, 0.2))
 
 
 def test_inverse_failure_names_the_site_in_input_order(gen):

@@ -7,7 +7,7 @@ import sys
 
 from triton.runtime.jit import KernelInterface
 
-from unidd_fast.kernels import reg_inverse, site_stats
+from unidd_fast.kernels.triton import reg_inverse, site_stats
 
 
 def jit_kernels(*modules):
@@ -18,7 +18,7 @@ def jit_kernels(*modules):
 def test_every_kernel_compiles_for_sm90_without_spills(tmp_path):
     out = tmp_path / "kernels.json"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, "-m", "unidd_fast.kernels.aot", "--target", "sm_90", "--json", str(out),
+    proc = subprocess.run([sys.executable, "-m", "unidd_fast.kernels.compile_report", "--target", "sm_90", "--json", str(out),
                            "--skip-cuda"], env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     records = json.loads(out.read_text())

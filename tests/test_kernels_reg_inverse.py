@@ -5,7 +5,7 @@ import torch
 
 from unidd_fast import reference
 from unidd_fast.errors import NotPositiveDefiniteError
-from unidd_fast.kernels.reg_inverse import cholesky_inverse, regularized_inverse
+from unidd_fast.kernels.triton.reg_inverse import cholesky_inverse, regularized_inverse
 
 
 def covariances(k, d, gen, rows=None, scale=1.0):

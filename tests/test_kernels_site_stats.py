@@ -4,8 +4,9 @@ import pytest
 import torch
 
 from unidd_fast import reference
+from unidd_fast.kernels._utils import acc_dtype
 from unidd_fast.errors import ConfigError
-from unidd_fast.kernels.site_stats import site_stats
+from unidd_fast.kernels.triton.site_stats import site_stats
 
 # (n, d, h, w): d not a power of two, h·w not a multiple of the 32-row tile; d = 70 spans
 # two 64-channel blocks (off-diagonal Gram blocks, mirrored writes)
@@ -91,7 +92,7 @@ def test_backward_matches_reference_autograd(shape, dtype, channels_last, gen):
     n, d = shape[:2]
     weights = [torch.randn(s, generator=gen, dtype=torch.float64) for s in ((d, d), (d,), (n, d))]
     want = _grads(reference.site_stats, feat.double(), weights)
-    got = _grads(site_stats, feat, [w.to(reference.acc_dtype(dtype)) for w in weights])
+    got = _grads(site_stats, feat, [w.to(acc_dtype(dtype)) for w in weights])
     assert got.dtype == dtype
     assert got.is_contiguous(memory_format=torch.channels_last) == channels_last
     # float64: exact; fp32: fp32 GEMM of d terms; bf16: the stored gradient is rounded to 2^-9

@@ -138,7 +138,8 @@ def test_beta_schedule():
 def test_fast_composite_matches_reference_fp32(offset, channels_last, gen):
     """The torch backend's one-GEMM path (and its centred fallback beyond μ²/σ² = 64) keeps
     fp32 accuracy: relative error ≲ eps32 · (1 + μ²/σ²) · small growth, at most ~4e-6 here."""
-    from unidd_fast import composite, reference
+    from unidd_fast import reference
+    from unidd_fast.kernels import composite
 
     feat = offset + torch.randn(6, 9, 7, 5, generator=gen, dtype=torch.float64)
     if channels_last:
@@ -153,7 +154,7 @@ def test_fast_composite_matches_reference_fp32(offset, channels_last, gen):
 
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_fast_composite_gradcheck(channels_last, gen):
-    from unidd_fast import composite
+    from unidd_fast.kernels import composite
 
     feat = torch.randn(3, 4, 3, 2, generator=gen, dtype=torch.float64) + 0.7
     if channels_last:

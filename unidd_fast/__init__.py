@@ -7,9 +7,10 @@ from . import filters
 from .errors import (ConfigError, NonFiniteError, NotPositiveDefiniteError, StatsFileError,
                      StatsMismatchError, UniddError)
 from .loss import CFMLoss
-from .ops import cfm_site_loss, flc, regularized_inverse, site_stats
+from .ops import flc, regularized_inverse, site_stats
 from .real_stats import RealStats, collect_real_stats
 from .schedule import beta_schedule
+from .site_loss import cfm_site_loss
 from .unidd import unidd_loss
 
 __version__ = "0.1.0"

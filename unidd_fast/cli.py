@@ -238,9 +238,9 @@ def run_show(args) -> int:
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "kernels":
-        from .kernels import aot
+        from .kernels import compile_report
 
-        return aot.main(argv[1:]) or 0
+        return compile_report.main(argv[1:]) or 0
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:

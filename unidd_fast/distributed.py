@@ -4,9 +4,9 @@ Launch: ``torchrun --nproc_per_node=N ...`` (and ``--nnodes``/``--rdzv-endpoint`
 nodes). Backend: NCCL when the run's device is CUDA, gloo on CPU.
 
 - Statistics: each rank reads a disjoint shard (``ShardSampler``: no padding duplicates) and
-  the per-site moments (count, mean, centred second moment, label sums) are gathered and
-  folded with MomentAccumulator's Chan merge in rank order, so every rank ends with the same
-  RealStats as one process over all the data, to rounding.
+  the per-site moments (count, mean, centred second moment, label sums) are gathered
+  (``gather``) and folded with Chan's merge in rank order (``real_stats.merge_moments``), so
+  every rank ends with the same RealStats as one process over all the data, to rounding.
 - Recover: class-batches are dealt round-robin (``shard_rounds``); after every round
   ``merge_emu`` folds all ranks' finished batches into every rank's EMU mean, so each rank
   matches against the running mean of all finished batches.
@@ -22,10 +22,9 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, DistributedSampler, Sampler
 
 from .errors import ConfigError
-from .real_stats import MomentAccumulator
 
-__all__ = ["DistInfo", "ShardSampler", "barrier", "info", "init", "is_distributed", "merge_emu",
-           "merge_moments", "shard_loader", "shard_rounds", "shutdown"]
+__all__ = ["DistInfo", "ShardSampler", "barrier", "gather", "info", "init", "is_distributed", "merge_emu",
+           "shard_loader", "shard_rounds", "shutdown"]
 
 
 @dataclass(frozen=True)
@@ -105,7 +104,7 @@ def _comm_device() -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
 
 
-def _gather(tensor: torch.Tensor) -> list[torch.Tensor]:
+def gather(tensor: torch.Tensor) -> list[torch.Tensor]:
     """all_gather of equal-shape tensors, returned on the tensor's device in rank order
     (just ``[tensor]`` outside a process group)."""
     if not (dist.is_available() and dist.is_initialized()):
@@ -145,7 +144,7 @@ def shard_loader(loader, rank: int | None = None, world_size: int | None = None)
         rank, world_size = here.rank, here.world_size
     if not isinstance(loader, DataLoader):
         raise ConfigError(f"cannot shard a {type(loader).__name__} across ranks: pass a torch DataLoader "
-                          "(or shard the data yourself and merge with distributed.merge_moments)")
+                          "(or shard the data yourself and merge with real_stats.merge_moments)")
     if isinstance(loader.sampler, (ShardSampler, DistributedSampler)):
         return loader
     if loader.batch_size is None:
@@ -170,50 +169,6 @@ def shard_rounds(n_items: int, rank: int | None = None, world_size: int | None =
 
 # --- exact merges --------------------------------------------------------------------------
 
-def _pack(acc: MomentAccumulator, d: int, c: int, c_soft: int) -> torch.Tensor:
-    if acc.count == 0:
-        return torch.zeros(1 + d + d * d + d * c + d * c_soft, dtype=torch.float64)
-    parts = (acc.mean, acc.m2, acc.label_sum, acc.soft_sum)
-    return torch.cat([torch.tensor([float(acc.count)], dtype=torch.float64)]
-                     + [p.double().flatten().cpu() for p in parts])
-
-
-def _unpack(flat: torch.Tensor, d: int, c: int, c_soft: int) -> MomentAccumulator:
-    acc = MomentAccumulator()
-    acc.count = int(flat[0])
-    if acc.count:
-        sizes = (d, d * d, d * c, d * c_soft)
-        mean, m2, label_sum, soft_sum = flat[1:].split(sizes)
-        acc.mean, acc.m2 = mean.clone(), m2.reshape(d, d).clone()
-        acc.label_sum, acc.soft_sum = label_sum.reshape(d, c).clone(), soft_sum.reshape(d, c_soft).clone()
-    return acc
-
-
-def merge_moments(acc: dict[str, MomentAccumulator], shapes: dict[str, tuple], num_images: int,
-                  num_classes: int) -> int:
-    """Replace every rank's per-site accumulators by the merge of all ranks' (in rank order,
-    so every rank holds bit-identical results) and fill ``shapes`` for sites this rank never
-    saw (empty shard). Returns the total image count (0: nothing merged). Collective: every
-    rank must call it, with the same site names."""
-    total = int(sum(t.item() for t in _gather(torch.tensor([num_images], dtype=torch.int64))))
-    if total == 0:
-        return 0
-    names = list(acc)
-    meta = torch.zeros(len(names), 4, dtype=torch.int64)
-    for i, name in enumerate(names):
-        if acc[name].count:
-            meta[i] = torch.tensor([*shapes[name], acc[name].soft_sum.shape[1]])
-    meta = torch.stack(_gather(meta)).amax(0)  # any rank that saw data knows the shapes
-    for i, name in enumerate(names):
-        d, h, w, c_soft = (int(v) for v in meta[i])
-        shapes.setdefault(name, (d, h, w))
-        merged = MomentAccumulator()
-        for flat in _gather(_pack(acc[name], d, num_classes, c_soft)):
-            merged.merge(_unpack(flat, d, num_classes, c_soft))
-        acc[name] = merged
-    return total
-
-
 def merge_emu(cfm) -> None:
     """End of a recover round under torchrun, on every rank in place of ``next_batch()``:
     fold the finished class-batch of every rank that had one this round (in rank order) into
@@ -223,12 +178,12 @@ def merge_emu(cfm) -> None:
     engine = getattr(cfm, "cfm", cfm)
     last = engine._last  # {width: (psi (k,d,d), signal (k,d,c))} of this rank's batch, detached
     dtype = next(iter(last.values()))[0].dtype if last else torch.float64
-    flags = _gather(torch.tensor([float(bool(last)), float(dtype == torch.float64)], dtype=torch.float64))
+    flags = gather(torch.tensor([float(bool(last)), float(dtype == torch.float64)], dtype=torch.float64))
     per_rank = [{} for _ in flags]
     for d in sorted(engine.groups):
         U, _, sig_real = engine._real[d]
         psi, sig = last.get(d, (torch.zeros(U.shape), torch.zeros(sig_real.shape)))
-        for r, (p, s) in enumerate(zip(_gather(psi.double()), _gather(sig.double()))):
+        for r, (p, s) in enumerate(zip(gather(psi.double()), gather(sig.double()))):
             per_rank[r][d] = (p.to(U.device), s.to(U.device))
     for (has_batch, is_double), batch in zip(flags, per_rank):
         if has_batch:

@@ -12,9 +12,10 @@ from torch import nn
 
 from . import filters as filt
 from .errors import ConfigError, NonFiniteError, StatsMismatchError
-from .ops import emu_fold, filtered_norms, flc, site_stats
+from .ops import emu_fold, flc, site_stats
 from .real_stats import RealStats
 from .schedule import beta_schedule
+from .site_loss import filtered_norms
 from .sites import SiteHooks
 
 SIGNALS = ("class", "mean", "soft")

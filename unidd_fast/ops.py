@@ -1,4 +1,4 @@
-"""Public math ops with backend dispatch (see ``backend.py``).
+"""Public math ops; the fused ones run on the backend ``kernels/registry.py`` resolves.
 
 Shapes: feat (n, d, h, w); psi (d, d) or batched (k, d, d); signals (d, c) or (k, d, c).
 Float64 input gives float64 output; anything else is computed in float32.
@@ -8,31 +8,29 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from . import composite, reference
-from .backend import resolve_backend
+from .kernels import library, registry
+from .kernels._utils import acc_dtype
 
 
 def site_stats(feat: torch.Tensor, backend: str | None = "auto"):
-    """(psi (d,d), mu (d,), pooled (n,d)) of a feature map (n,d,h,w); see reference.site_stats.
+    """(psi (d,d), mu (d,), pooled (n,d)) of a feature map (n,d,h,w); docs/math.md (site statistics).
     Accumulated in float32 (float64 for float64 input) also inside an autocast region, where
     hooks run: autocast would otherwise round the Gram's inputs to bf16/fp16."""
-    name = resolve_backend(backend, feat.device)
+    if feat.dim() != 4:
+        raise ValueError(f"site_stats expects a (n, d, h, w) feature map, got shape {tuple(feat.shape)}")
+    name = registry.resolve("site_stats", backend, feat.device, feat.dtype)
     with torch.autocast(feat.device.type, enabled=False):
-        if name == "torch":
-            return composite.site_stats(feat)
-        from .kernels import dispatch
-
-        return dispatch.site_stats(feat, name)
+        return library.site_stats(feat, name)
 
 
 def regularized_inverse(A: torch.Tensor, beta, backend: str | None = "auto", names=None):
-    """(A + βI)^-1 for symmetric positive semi-definite A (..., d, d), by Cholesky."""
-    name = resolve_backend(backend, A.device, "regularized_inverse")
-    if name == "torch":
-        return reference.regularized_inverse(A, beta, names=names)
-    from .kernels import dispatch
-
-    return dispatch.regularized_inverse(A, beta, name, names=names)
+    """(A + βI)^-1 for symmetric positive semi-definite A (..., d, d), by Cholesky; β a float or a
+    0-d tensor (read on the device). NotPositiveDefiniteError names ``names[i]`` on failure."""
+    name = registry.resolve("regularized_inverse", backend, A.device, A.dtype)
+    joined = None if names is None else library.NAME_SEPARATOR.join(map(str, names))
+    if torch.is_tensor(beta):
+        return library.regularized_inverse(A, 0.0, beta, True, joined, name)
+    return library.regularized_inverse(A, float(beta), None, True, joined, name)
 
 
 def as_label_matrix(labels: torch.Tensor, num_classes: int | None, dtype: torch.dtype) -> torch.Tensor:
@@ -51,7 +49,7 @@ def as_label_matrix(labels: torch.Tensor, num_classes: int | None, dtype: torch.
 
 def flc(pooled: torch.Tensor, labels: torch.Tensor, num_classes: int | None = None) -> torch.Tensor:
     """Feature-label correlation Φ = (1/n) X'ᵀ Y of pooled features (n, d) -> (d, c)."""
-    x = pooled.to(reference.acc_dtype(pooled.dtype))
+    x = pooled.to(acc_dtype(pooled.dtype))
     Y = as_label_matrix(labels, num_classes, x.dtype)
     if Y.shape[0] != x.shape[0]:
         raise ValueError(f"{x.shape[0]} pooled rows but {Y.shape[0]} labels")
@@ -61,32 +59,3 @@ def flc(pooled: torch.Tensor, labels: torch.Tensor, num_classes: int | None = No
 def emu_fold(current: torch.Tensor, running: torch.Tensor, b: int) -> torch.Tensor:
     """EMU (paper Eq. 19): current / b + (1 − 1/b) · running, for class-batch index b >= 1."""
     return current / b + (1 - 1 / b) * running
-
-
-def filtered_norms(F_real, T_real, psi_syn, sig_syn, f_filter, f_signal=None, names=None,
-                   backend: str | None = "auto"):
-    """Per-site norms ‖F_real − f(Ψ_s)‖_F and ‖T_real − g(Ψ_s) Φ_s‖_F.
-
-    F_real (k,d,d) = f(Ψ) and T_real (k,d,c) = g(Ψ) Φ of the real side; psi_syn (k,d,d),
-    sig_syn (k,d,c); ``f_signal`` (g) defaults to ``f_filter``. Returns two (k,) tensors.
-    """
-    F_syn = f_filter.matrix(psi_syn, names=names, backend=backend)
-    F_sig = F_syn if f_signal is None or f_signal is f_filter else f_signal.matrix(psi_syn, backend=backend)
-    f_norm = torch.linalg.matrix_norm(F_real - F_syn)
-    s_norm = torch.linalg.matrix_norm(T_real - F_sig @ sig_syn)
-    return f_norm, s_norm
-
-
-def cfm_site_loss(psi_real, sig_real, psi_syn, sig_syn, beta, backend: str | None = "auto"):
-    """CFM filter and signal losses of one site (or a stack of sites), paper Eq. 20.
-
-    f_loss = ‖(Ψ + βI)^-1 − (Ψ_s + βI)^-1‖_F, s_loss = ‖(Ψ + βI)^-1 Φ − (Ψ_s + βI)^-1 Φ_s‖_F
-    (norms, not squared). psi_*: (..., d, d); sig_*: (..., d, c). Returns two tensors of
-    the leading shape, differentiable in every input.
-    """
-    from .filters import krr
-
-    dtype = torch.promote_types(reference.acc_dtype(psi_syn.dtype), reference.acc_dtype(psi_real.dtype))
-    psi_real, sig_real, psi_syn, sig_syn = (t.to(dtype) for t in (psi_real, sig_real, psi_syn, sig_syn))
-    inv_real = regularized_inverse(psi_real, beta, backend)
-    return filtered_norms(inv_real, inv_real @ sig_real, psi_syn, sig_syn, krr(beta), backend=backend)

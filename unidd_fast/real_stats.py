@@ -18,6 +18,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from . import distributed as dist_helpers
 from .errors import ConfigError, NonFiniteError, StatsFileError, StatsMismatchError
 from .ops import as_label_matrix, site_stats
 from .profiling import annotate
@@ -205,6 +206,52 @@ class RealStats:
 
 @annotate("stats")
 @torch.no_grad()
+# --- exact merges across torchrun ranks ---------------------------------------------------
+
+def _pack(acc: MomentAccumulator, d: int, c: int, c_soft: int) -> torch.Tensor:
+    if acc.count == 0:
+        return torch.zeros(1 + d + d * d + d * c + d * c_soft, dtype=torch.float64)
+    parts = (acc.mean, acc.m2, acc.label_sum, acc.soft_sum)
+    return torch.cat([torch.tensor([float(acc.count)], dtype=torch.float64)]
+                     + [p.double().flatten().cpu() for p in parts])
+
+
+def _unpack(flat: torch.Tensor, d: int, c: int, c_soft: int) -> MomentAccumulator:
+    acc = MomentAccumulator()
+    acc.count = int(flat[0])
+    if acc.count:
+        sizes = (d, d * d, d * c, d * c_soft)
+        mean, m2, label_sum, soft_sum = flat[1:].split(sizes)
+        acc.mean, acc.m2 = mean.clone(), m2.reshape(d, d).clone()
+        acc.label_sum, acc.soft_sum = label_sum.reshape(d, c).clone(), soft_sum.reshape(d, c_soft).clone()
+    return acc
+
+
+def merge_moments(acc: dict[str, MomentAccumulator], shapes: dict[str, tuple], num_images: int,
+                  num_classes: int) -> int:
+    """Replace every rank's per-site accumulators by the merge of all ranks' (in rank order,
+    so every rank holds bit-identical results) and fill ``shapes`` for sites this rank never
+    saw (empty shard). Returns the total image count (0: nothing merged). Collective: every
+    rank must call it, with the same site names."""
+    total = int(sum(t.item() for t in dist_helpers.gather(torch.tensor([num_images], dtype=torch.int64))))
+    if total == 0:
+        return 0
+    names = list(acc)
+    meta = torch.zeros(len(names), 4, dtype=torch.int64)
+    for i, name in enumerate(names):
+        if acc[name].count:
+            meta[i] = torch.tensor([*shapes[name], acc[name].soft_sum.shape[1]])
+    meta = torch.stack(dist_helpers.gather(meta)).amax(0)  # any rank that saw data knows the shapes
+    for i, name in enumerate(names):
+        d, h, w, c_soft = (int(v) for v in meta[i])
+        shapes.setdefault(name, (d, h, w))
+        merged = MomentAccumulator()
+        for flat in dist_helpers.gather(_pack(acc[name], d, num_classes, c_soft)):
+            merged.merge(_unpack(flat, d, num_classes, c_soft))
+        acc[name] = merged
+    return total
+
+
 def collect_real_stats(model: nn.Module, loader, num_classes: int, sites="bn", device=None,
                        show_progress: bool | None = None, distributed: bool = False) -> RealStats:
     """Exact statistics of the whole ``loader`` (yielding (images, int labels)) at every site.
@@ -228,8 +275,6 @@ def collect_real_stats(model: nn.Module, loader, num_classes: int, sites="bn", d
         shapes[name] = tuple(feat.shape[1:])
 
     if distributed:
-        from . import distributed as dist_helpers
-
         loader = dist_helpers.shard_loader(loader)
         show_progress = show_progress if dist_helpers.info().is_main else False
     hooks = SiteHooks(model, sites, on_site)
@@ -256,7 +301,7 @@ def collect_real_stats(model: nn.Module, loader, num_classes: int, sites="bn", d
         hooks.remove()
         model.train(was_training)
     if distributed:
-        num_images = dist_helpers.merge_moments(acc, shapes, num_images, num_classes)
+        num_images = merge_moments(acc, shapes, num_images, num_classes)
     if num_images == 0:
         raise ConfigError("the loader yielded no images")
     return RealStats({n: a.finalize(num_images) for n, a in acc.items()}, shapes,

@@ -5,7 +5,7 @@ import torch
 
 from .filters import SpectralFilter
 from .ops import as_label_matrix
-from .reference import acc_dtype
+from .kernels._utils import acc_dtype
 
 
 def unidd_loss(X, Y, Xs, Ys, f: SpectralFilter, signal: bool = True) -> torch.Tensor:

@@ -24,7 +24,7 @@ from .. import distributed
 from ..errors import ConfigError
 from ..profiling import annotate
 from ..progress import progress
-from ..reference import acc_dtype
+from ..kernels._utils import acc_dtype
 from .augment import cutmix, make_augment
 from .checkpoint import EpochCheckpoint
 from .checks import check_teacher

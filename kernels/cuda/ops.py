@@ -5,22 +5,25 @@ The extension is a thin binding: it takes every buffer from here and only enqueu
 kernels, so all the logic that can be wrong on the host (layouts, batching plans,
 workspace offsets, error messages) lives in this module and is tested on CPU. Any object
 with the extension's interface can stand in for it (``kernels=``): the tests use
-``unidd_fast.cuda_build.EmulatedKernels`` (the same kernels compiled for a CPU emulation
+``unidd_fast.kernels.cuda.emulator.EmulatedKernels`` (the same kernels compiled for a CPU emulation
 of the CUDA thread model) and a plain-torch double.
 
-The kernels compute in float32. float64 input runs the ``torch`` backend instead (the
-kernels would silently lose precision); fp16 / bf16 feature maps are read as they are.
+The kernels compute in float32; fp16 / bf16 feature maps are read as they are. float64 input
+is refused here: the registry (``kernels/registry.py``) hands it to the torch backend, since
+the kernels would silently lose precision.
 """
 from __future__ import annotations
 
 import functools
+import importlib
 from dataclasses import dataclass
 from typing import Sequence
 
 import torch
 
-from .errors import ConfigError
-from .reference import _RegularizedInverse, acc_dtype, check_cholesky_info
+from unidd_fast.errors import ConfigError
+
+from .._utils import acc_dtype, check_cholesky_info, inverse_backward
 
 FEATURE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_MATRICES_PER_LAUNCH = 65535  # blockIdx.y of the inverse kernels indexes the matrix
@@ -29,12 +32,11 @@ MAX_MATRICES_PER_LAUNCH = 65535  # blockIdx.y of the inverse kernels indexes the
 def extension():
     """The compiled kernels, ``unidd_fast._cuda``, or a ConfigError saying how to build them."""
     try:
-        from . import _cuda
+        return importlib.import_module("unidd_fast._cuda")
     except ImportError as err:
         raise ConfigError("the CUDA backend needs the compiled extension unidd_fast._cuda: build it with "
                           "UNIDD_BUILD_CUDA=1 pip install -e . --no-build-isolation (docs/cuda.md), "
                           f"or use backend='triton' / 'torch' ({err})") from err
-    return _cuda
 
 
 def _kernels_for(tensor: torch.Tensor, kernels):
@@ -86,9 +88,9 @@ def feature_layout(feat: torch.Tensor) -> tuple[torch.Tensor, FeatureLayout]:
 def check_features(feat: torch.Tensor) -> None:
     if feat.dim() != 4:
         raise ValueError(f"site_stats expects a (n, d, h, w) feature map, got shape {tuple(feat.shape)}")
-    if feat.dtype not in FEATURE_DTYPES + (torch.float64,):
+    if feat.dtype not in FEATURE_DTYPES:
         raise ConfigError(f"site_stats (cuda) takes fp32/fp16/bf16 features (fp64 runs the torch backend), "
-                          f"got {feat.dtype}; cast them first")
+                          f"got {feat.dtype}; cast them first or use backend='torch'")
     if feat.numel() == 0:
         raise ValueError(f"site_stats got an empty feature map of shape {tuple(feat.shape)}")
     n, _, h, w = feat.shape
@@ -140,16 +142,19 @@ class SiteStatsCUDA(torch.autograd.Function):
 
 def site_stats_cuda(feat: torch.Tensor, kernels=None):
     """psi (d,d), mu (d,), pooled (n,d) in float32 of feat (n,d,h,w) — NCHW or channels_last,
-    fp32 / fp16 / bf16 — on the CUDA kernels; see ``reference.site_stats``. float64 input
-    runs the torch backend."""
+    fp32 / fp16 / bf16 — on the CUDA kernels; docs/math.md (site statistics)."""
     check_features(feat)
-    if feat.dtype == torch.float64:
-        from .ops import site_stats
-
-        return site_stats(feat, backend="torch")
     kernels = _kernels_for(feat, kernels)
     x, layout = feature_layout(feat)
     return SiteStatsCUDA.apply(x, layout, kernels)
+
+
+def site_stats_grad(feat, mu, g_psi, g_mu, g_pooled, kernels=None) -> torch.Tensor:
+    """dX of ``site_stats_cuda(feat)`` given its outputs' gradients (None = zero), outside
+    autograd (the custom op of ``kernels/library.py`` calls it from its registered backward)."""
+    kernels = _kernels_for(feat, kernels)
+    x, layout = feature_layout(feat)
+    return stats_backward(x, layout, mu, g_psi, g_mu, g_pooled, kernels)
 
 
 # ---- batched regularized inverse --------------------------------------------------
@@ -230,13 +235,6 @@ def inverse_forward(mats: Sequence[torch.Tensor], beta: torch.Tensor, kernels):
     return outs, info
 
 
-class _Saved:
-    """The ``ctx`` that ``reference._RegularizedInverse.backward`` reads (the inverse)."""
-
-    def __init__(self, inv):
-        self.saved_tensors = (inv,)
-
-
 class RegularizedInverseCUDA(torch.autograd.Function):
     """Inverses of several stacks in one batched run; gradients as in the reference,
     dA = −Y sym(G) Y."""
@@ -254,7 +252,7 @@ class RegularizedInverseCUDA(torch.autograd.Function):
     @staticmethod
     def backward(ctx, *grads):
         return (None, None, None, None) + tuple(
-            None if g is None else _RegularizedInverse.backward(_Saved(inv), g)[0]
+            None if g is None else inverse_backward(inv, g)
             for inv, g in zip(ctx.saved_tensors, grads))
 
 
@@ -276,8 +274,8 @@ def regularized_inverse_cuda(A, beta, names=None, check: bool = True, kernels=No
     the device: a CUDA graph can capture the call and replay it for any β). ``names``
     label the matrices, in input order, in the NotPositiveDefiniteError raised when a
     factorisation fails (eager mode only: under graph capture the check would need a host
-    synchronisation, and the failed matrix's inverse is all NaN instead). float64 input
-    runs the torch backend.
+    synchronisation, and the failed matrix's inverse is all NaN instead). float64 input is
+    refused (the registry gives it to the torch backend).
     """
     many = isinstance(A, (list, tuple))
     tensors = list(A) if many else [A]
@@ -290,15 +288,8 @@ def regularized_inverse_cuda(A, beta, names=None, check: bool = True, kernels=No
     if any(s.device != stacks[0].device for s in stacks):
         raise ValueError(f"regularized_inverse got matrices on several devices: {sorted({str(s.device) for s in stacks})}")
     if any(s.dtype == torch.float64 for s in stacks):
-        from .ops import regularized_inverse
-
-        first = 0
-        outs = []
-        for t, s in zip(tensors, stacks):
-            part = None if names is None else names[first:first + s.shape[0]]
-            outs.append(regularized_inverse(t, beta, backend="torch", names=part))
-            first += s.shape[0]
-        return outs if many else outs[0]
+        raise ConfigError("regularized_inverse (cuda) computes in float32: float64 matrices run the torch "
+                          "backend (backend='torch' or 'auto')")
     kernels = _kernels_for(stacks[0], kernels)
     keep = [i for i, s in enumerate(stacks) if s.shape[0] > 0]
     outs = list(stacks)  # empty stacks come back as they are

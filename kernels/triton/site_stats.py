@@ -24,9 +24,9 @@ import torch
 import triton
 import triton.language as tl
 
-from unidd_fast.backend import interpreting
 from unidd_fast.errors import ConfigError
-from unidd_fast.reference import acc_dtype
+
+from .._utils import acc_dtype, interpreting
 
 from .launch import launch
 
@@ -253,3 +253,13 @@ def site_stats(feat: torch.Tensor, chunks: int | None = None):
     ``acc_dtype(feat.dtype)``; ``chunks`` overrides the number of sample chunks (tests)."""
     check_input(feat)
     return SiteStatsFunction.apply(_spatial_strides(feat), chunks)
+
+
+def site_stats_grad(feat, mu, g_psi, g_mu, g_pooled) -> torch.Tensor:
+    """dX of ``site_stats(feat)`` given its outputs' gradients (None = zero), outside autograd
+    (the custom op of ``kernels/library.py`` calls it from its registered backward)."""
+    feat = _spatial_strides(feat)
+    n, d = feat.shape[:2]
+    zeros = functools.partial(torch.zeros, dtype=mu.dtype, device=mu.device)
+    return site_stats_backward(feat, mu, zeros(d, d) if g_psi is None else g_psi, zeros(d) if g_mu is None else g_mu,
+                               zeros(n, d) if g_pooled is None else g_pooled)

@@ -1,7 +1,7 @@
 """Ahead-of-time compile report of every kernel, for a GPU target, without a GPU.
 
     unidd-fast kernels --target sm_90 --json FILE
-    python -m unidd_fast.kernels.aot --target sm_90 --json FILE
+    python -m unidd_fast.kernels.compile_report --target sm_90 --json FILE
 
 The Triton launchers run on representative inputs (every dtype, layout, β kind and width
 class they accept; ResNet-18 geometries) inside ``launch.recording()``, so the exact
@@ -11,7 +11,7 @@ target=GPUTarget("cuda", arch, 32))``. ``cuobjdump --dump-resource-usage`` (ship
 triton wheel) gives registers, spills (LOCAL bytes per thread) and static shared memory
 (plus the dynamic shared memory of the launch); the PTX tells whether tensor-core
 instructions (wgmma / mma) were emitted where the kernel has a ``tl.dot``. The CUDA
-files are appended from ``unidd_fast.cuda_build.compile_report()`` when that module exists.
+files are appended from ``cuda/nvcc.py``'s ``compile_report()``.
 
 Output: a JSON list of {"kernel", "backend", "target", "ok", "registers", "spill_bytes",
 "shared_bytes", "tensor_cores"} (plus "variant", "example", "tensor_cores_expected", "error") and a
@@ -46,8 +46,8 @@ def site_stats_examples():
     """(label, recorded launches) of the site-statistics forward and backward."""
     import torch
 
-    from .launch import recording
-    from .site_stats import site_stats_backward, site_stats_forward
+    from .triton.launch import recording
+    from .triton.site_stats import site_stats_backward, site_stats_forward
 
     for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
         acc = torch.float64 if dtype == torch.float64 else torch.float32
@@ -71,8 +71,8 @@ def reg_inverse_examples():
     """(label, recorded launches) of the batched regularised inverse."""
     import torch
 
-    from .launch import recording
-    from .reg_inverse import cholesky_inverse
+    from .triton.launch import recording
+    from .triton.reg_inverse import cholesky_inverse
 
     for dtype in (torch.float32, torch.float64):
         for d in (64, 512, 24):
@@ -166,11 +166,8 @@ def triton_report(arch: int) -> list[dict]:
 
 
 def cuda_report() -> list[dict]:
-    try:
-        from unidd_fast.cuda_build import compile_report
-    except ImportError:
-        print("(no unidd_fast.cuda_build: CUDA kernels not reported)")
-        return []
+    from .cuda.nvcc import compile_report
+
     return list(compile_report())
 
 
@@ -201,7 +198,7 @@ def main(argv=None) -> int:
         # the interpreter replaces @triton.jit at import: compile in a fresh process without it
         env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
         argv = sys.argv[1:] if argv is None else list(argv)
-        return subprocess.run([sys.executable, "-m", "unidd_fast.kernels.aot", *argv], env=env).returncode
+        return subprocess.run([sys.executable, "-m", "unidd_fast.kernels.compile_report", *argv], env=env).returncode
     records = triton_report(arch)
     if not args.skip_cuda:
         records += cuda_report()

@@ -4,7 +4,7 @@ Semantics: ``unidd_fast.reference.regularized_inverse`` (A symmetric, its lower 
 read). No host synchronisation: β is a Python float or a 0-d tensor read on the device,
 and a failed factorisation is reported in ``info`` (k,) int32 (0, or 1 + the first
 column whose pivot was not > 0, NaN included), which eager callers check with
-``reference.check_cholesky_info``. Why Cholesky and not Newton–Schulz: bench/roofline.py.
+``_utils.check_cholesky_info``. Why Cholesky and not Newton–Schulz: bench/roofline.py.
 
 Three launches, on workspaces padded to DP = nb·B (the padding is an identity block):
   1. ``_chol_kernel``, grid (k,): left-looking blocked Cholesky in place in ``w`` (copy
@@ -16,7 +16,7 @@ Three launches, on workspaces padded to DP = nb·B (the padding is an identity b
      substitution, Y_ij = −L_ii^-1 Σ_{j≤m<i} L_im Y_mj.
   3. ``_gram_kernel``, grid (k, nb, nb): (A + βI)^-1 = Yᵀ Y, lower blocks, mirrored.
 Backward: dA = −Y sym(G) Y with Y the inverse — two batched GEMMs, inherited from the
-reference autograd Function (cuBLAS is the right tool for those).
+torch (``_utils.inverse_backward``; cuBLAS is the right tool for those).
 """
 from __future__ import annotations
 
@@ -24,9 +24,9 @@ import torch
 import triton
 import triton.language as tl
 
-from unidd_fast.backend import interpreting
 from unidd_fast.errors import ConfigError
-from unidd_fast.reference import _RegularizedInverse, acc_dtype, check_cholesky_info
+
+from .._utils import acc_dtype, check_cholesky_info, interpreting, inverse_backward
 
 from .launch import launch
 
@@ -216,8 +216,8 @@ def cholesky_inverse(A: torch.Tensor, beta, block: int = BLOCK):
     return out, info
 
 
-class RegularizedInverseFunction(_RegularizedInverse):
-    """Triton forward; backward dA = −Y sym(G) Y inherited from the reference Function."""
+class RegularizedInverseFunction(torch.autograd.Function):
+    """Triton forward; backward dA = −Y sym(G) Y (``_utils.inverse_backward``)."""
 
     @staticmethod
     def forward(ctx, A, beta, check, names, block=BLOCK):
@@ -229,7 +229,8 @@ class RegularizedInverseFunction(_RegularizedInverse):
 
     @staticmethod
     def backward(ctx, grad):
-        return _RegularizedInverse.backward(ctx, grad) + (None,)
+        (inv,) = ctx.saved_tensors
+        return inverse_backward(inv, grad), None, None, None, None
 
 
 def regularized_inverse(A: torch.Tensor, beta, names=None, check: bool = True, block: int = BLOCK) -> torch.Tensor:

@@ -1,0 +1,50 @@
+"""Helpers shared by every backend of the fused ops: accumulation dtype, CUDA-graph capture,
+the Cholesky status check, the regularised inverse's backward, and where the sources live."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from unidd_fast.errors import NotPositiveDefiniteError
+
+CSRC = Path(__file__).resolve().parent.parent / "csrc"
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float64 stays float64; every other dtype is accumulated in float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def interpreting() -> bool:
+    """True when Triton kernels run in the CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def capturing(t: torch.Tensor) -> bool:
+    """True while ``t``'s CUDA stream is being captured into a CUDA graph, where a host
+    synchronisation (``.item()``, ``bool(tensor)``) is an error: checks that need one skip."""
+    return t.is_cuda and torch.cuda.is_current_stream_capturing()
+
+
+def check_cholesky_info(info: torch.Tensor, beta, names=None) -> None:
+    """Raise NotPositiveDefiniteError if any factorisation failed (skipped under CUDA-graph
+    capture, where the check would need a host synchronisation)."""
+    if capturing(info):
+        return
+    bad = torch.nonzero(info.reshape(-1)).flatten().tolist()
+    if bad:
+        which = [names[i] for i in bad] if names is not None else bad
+        raise NotPositiveDefiniteError(
+            f"(Ψ + βI) is not positive definite at {which} with β = {float(beta):g}: the matrix "
+            "has NaN/Inf entries or β is too small for its rounding error; raise beta / beta_min "
+            "or compute in float64"
+        )
+
+
+def inverse_backward(inv: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    """Gradient of Y = (A + βI)^-1 for symmetric A (..., d, d): dA = −Y sym(G) Y
+    (docs/math.md, gradients)."""
+    sym = 0.5 * (grad + grad.transpose(-1, -2))
+    return -(inv @ sym @ inv)

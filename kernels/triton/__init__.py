@@ -1,0 +1,1 @@
+"""Triton kernels of the fused ops: launchers and autograd Functions beside their kernels."""
