@@ -204,8 +204,6 @@ class RealStats:
         return cls(sites, meta["shapes"], meta["model_class"], meta["num_images"], meta["num_classes"])
 
 
-@annotate("stats")
-@torch.no_grad()
 # --- exact merges across torchrun ranks ---------------------------------------------------
 
 def _pack(acc: MomentAccumulator, d: int, c: int, c_soft: int) -> torch.Tensor:
@@ -252,6 +250,8 @@ def merge_moments(acc: dict[str, MomentAccumulator], shapes: dict[str, tuple], n
     return total
 
 
+@annotate("stats")
+@torch.no_grad()
 def collect_real_stats(model: nn.Module, loader, num_classes: int, sites="bn", device=None,
                        show_progress: bool | None = None, distributed: bool = False) -> RealStats:
     """Exact statistics of the whole ``loader`` (yielding (images, int labels)) at every site.
