@@ -104,12 +104,14 @@ def test_emu_running_mean_is_mean_of_batches(gen):
         x = torch.randn(C, 3, 8, 8, generator=gen)
         model(x)
         cfm(torch.arange(C))
-        batch_psis.append({n: cfm._current[n][0].detach().clone() for n in cfm.names})
+        batch = cfm.batch_statistics()
+        batch_psis.append({n: batch[d][0][i].clone() for d, group in cfm.groups.items() for i, n in enumerate(group)})
         cfm.next_batch()
-    state = cfm.emu_state()
-    for name in cfm.names:
-        mean = torch.stack([bp[name] for bp in batch_psis]).mean(0)
-        torch.testing.assert_close(state[name][0], mean, rtol=1e-5, atol=1e-6)
+    assert cfm.emu.batches_done == 4
+    for d, group in cfm.groups.items():
+        for i, name in enumerate(group):
+            mean = torch.stack([bp[name] for bp in batch_psis]).mean(0)
+            torch.testing.assert_close(cfm.emu.means[d][0][i], mean, rtol=1e-5, atol=1e-6)
 
 
 def test_emu_changes_the_matched_statistics(gen):

@@ -265,3 +265,26 @@ def test_bn_buffer_stats_from_model_and_checkpoint(gen, tmp_path):
         sre2l.bn_buffer_stats(model, wide)
     with pytest.raises(StatsFileError, match="does not exist"):
         sre2l.bn_buffer_stats(model, tmp_path / "nope.pth")
+
+
+def test_state_file_continues_a_run_split_by_ipc_range(gen, tmp_path):
+    """One job recovers ipc 0 and saves the EMU state; the next loads it and continues with
+    the same running means and batch counter as a run that never stopped."""
+    stats = make_stats(teacher(), gen)
+    _, first = recover(teacher, stats, gen_seed=3, ipc_total=1, fresh_state=True)
+    path = tmp_path / "emu.safetensors"
+    first.state.save(path)
+    loaded = sre2l.CFMState.load(path)
+    assert loaded.signature == first.state.signature and loaded.batches_done == 2
+    assert all(torch.equal(loaded.tensors[k], v) for k, v in first.state.tensors.items())
+    hooks = sre2l.cfm_hooks(teacher(), stats, beta=0.2, state=loaded, backend="torch")
+    assert hooks.cfm.b == 3
+    for key, value in first.state.tensors.items():
+        torch.testing.assert_close(hooks.cfm.state_dict()[key], value, rtol=0, atol=0)
+    hooks.close()
+    with pytest.raises(ConfigError, match="EMU state belongs to a run"):
+        sre2l.cfm_hooks(teacher(), stats, signal="mean", state=sre2l.CFMState.load(path))
+    with pytest.raises(ConfigError, match="nothing to save"):
+        sre2l.CFMState().save(tmp_path / "empty.safetensors")
+    with pytest.raises(StatsFileError, match="does not exist"):
+        sre2l.CFMState.load(tmp_path / "missing.safetensors")

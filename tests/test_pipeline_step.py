@@ -133,16 +133,16 @@ def test_graph_safe_cfm_state_equals_python_numbers(gen):
         outputs = safe.graph_outputs()  # what a replayed graph refreshes in place
         for cfm in (plain, safe):
             cfm.next_batch()
-        assert float(safe._b_dev) == safe.b == plain.b
-        assert not safe._last and outputs  # next_batch consumed them; a replay would not set them again
+        assert float(safe.emu._b_dev) == safe.b == plain.b
+        assert not safe.batch_statistics() and outputs  # next_batch consumed them; a replay would not set them again
         safe.set_graph_outputs(outputs)
-        assert safe._last.keys() == outputs.keys()
+        assert safe.batch_statistics().keys() == outputs.keys()
         safe.set_graph_outputs({})
     state = plain.state_dict()
     assert set(safe.state_dict()) == set(state)
-    buffers = {d: tuple(t.data_ptr() for t in pair) for d, pair in safe._bar.items()}
+    buffers = {d: tuple(t.data_ptr() for t in pair) for d, pair in safe.emu.means.items()}
     safe.load_state_dict({k: v.clone() for k, v in state.items()})
-    assert {d: tuple(t.data_ptr() for t in pair) for d, pair in safe._bar.items()} == buffers  # in place
+    assert {d: tuple(t.data_ptr() for t in pair) for d, pair in safe.emu.means.items()} == buffers  # in place
     for cfm in (plain, safe):
         cfm.set_curriculum(1, 4)
     torch.testing.assert_close(loss_and_grad(safe, x[0])[0], loss_and_grad(plain, x[0])[0], rtol=1e-13, atol=0)

@@ -176,21 +176,18 @@ def merge_emu(cfm) -> None:
     and the same batch counter. ``cfm``: a CFMLoss, or the hooks of ``compat.sre2l``.
     Collective: every rank calls it every round, with a batch or without (a None round)."""
     engine = getattr(cfm, "cfm", cfm)
-    last = engine._last  # {width: (psi (k,d,d), signal (k,d,c))} of this rank's batch, detached
-    dtype = next(iter(last.values()))[0].dtype if last else torch.float64
-    flags = gather(torch.tensor([float(bool(last)), float(dtype == torch.float64)], dtype=torch.float64))
+    mine = engine.batch_statistics()  # {width: (psi (k,d,d), signal (k,d,c))}, detached
+    dtype = next(iter(mine.values()))[0].dtype if mine else torch.float64
+    flags = gather(torch.tensor([float(bool(mine)), float(dtype == torch.float64)], dtype=torch.float64))
     per_rank = [{} for _ in flags]
-    for d in sorted(engine.groups):
-        U, _, sig_real = engine._real[d]
-        psi, sig = last.get(d, (torch.zeros(U.shape), torch.zeros(sig_real.shape)))
+    for d in sorted(engine.emu.shapes):
+        psi_shape, sig_shape = engine.emu.shapes[d]
+        psi, sig = mine.get(d, (torch.zeros(psi_shape), torch.zeros(sig_shape)))
         for r, (p, s) in enumerate(zip(gather(psi.double()), gather(sig.double()))):
-            per_rank[r][d] = (p.to(U.device), s.to(U.device))
+            per_rank[r][d] = (p.to(engine.device), s.to(engine.device))
+    batches = []
     for (has_batch, is_double), batch in zip(flags, per_rank):
         if has_batch:
             want = torch.float64 if is_double else torch.float32
-            engine._last = {d: (p.to(want), s.to(want)) for d, (p, s) in batch.items()}
-            engine.next_batch()
-    engine._last = {}
-    state = getattr(cfm, "state", None)
-    if state is not None:
-        state.tensors = engine.state_dict()
+            batches.append({d: (p.to(want), s.to(want)) for d, (p, s) in batch.items()})
+    cfm.next_batch(batches)

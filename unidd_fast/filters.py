@@ -8,6 +8,8 @@ eigendecomposition, so their gradients stay exact when eigenvalues repeat.
 from __future__ import annotations
 
 import abc
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -121,6 +123,31 @@ class MTTSum(SpectralFilter):
         for _ in range(self.steps - 1):  # Horner: I + M (I + M (...))
             total = eye + step @ total
         return total
+
+
+@dataclass(frozen=True)
+class FilterChoice:
+    """One ``filter=`` option of CFMLoss (paper Table 1). ``pair(beta, alpha, steps)`` builds
+    (f, g): f filters Ψ in the filter term, g multiplies the signal (the same object when
+    they are one filter); ``curriculum``: β_t follows the schedule (otherwise it stays β)."""
+
+    pair: Callable[..., tuple[SpectralFilter, SpectralFilter]]
+    curriculum: bool = False
+
+
+def _same(f: SpectralFilter) -> tuple[SpectralFilter, SpectralFilter]:
+    return f, f
+
+
+# The filter options of the loss, by name: the one table that CFMLoss, the config choices
+# and the CLI read. "cfm" is KRR with the β curriculum (CFM), "krr" KRR at a fixed β.
+LOSS_FILTERS: dict[str, FilterChoice] = {
+    "cfm": FilterChoice(lambda beta, alpha, steps: _same(KRR(beta)), curriculum=True),
+    "krr": FilterChoice(lambda beta, alpha, steps: _same(KRR(beta))),
+    "lowpass": FilterChoice(lambda beta, alpha, steps: _same(LowPass())),
+    "allpass": FilterChoice(lambda beta, alpha, steps: _same(AllPass())),
+    "mtt": FilterChoice(lambda beta, alpha, steps: (MTT(alpha, steps), MTTSum(alpha, steps))),
+}
 
 
 def krr(beta) -> KRR:

@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..emu import load_state, save_state
 from ..errors import ConfigError, StatsFileError, StatsMismatchError
 from ..loss import CFMLoss
 from ..ops import site_stats
@@ -71,7 +72,8 @@ def _slice_key(feat: torch.Tensor):
 class CFMState:
     """EMU state of a run that outlives hooks and models: the class-batch counter and the
     running means of the finished batches (``CFMLoss.state_dict``), and the sites/signal
-    they were made with (a mismatch raises instead of mixing runs)."""
+    they were made with (a mismatch raises instead of mixing runs). ``save``/``load`` keep
+    it in a file, so a run split by ipc range across jobs continues the same EMU."""
 
     def __init__(self):
         self.tensors: dict[str, torch.Tensor] = {}
@@ -91,6 +93,22 @@ class CFMState:
             raise ConfigError(
                 f"this EMU state belongs to a run with {self.signature}, not {signature}: pass "
                 "state=CFMState() or call sre2l.emu_state(stats).reset() to start a new run")
+
+    def save(self, path) -> None:
+        """Write the state (an ``emu`` state file with the sites and signal), atomically."""
+        if not self.tensors:
+            raise ConfigError("no class-batch has been folded into this EMU state yet: nothing to save")
+        save_state(path, self.tensors, {"sites": list(self.signature["sites"]), "signal": self.signature["signal"]})
+
+    @classmethod
+    def load(cls, path) -> "CFMState":
+        """A state written by ``save``; pass it as ``cfm_hooks(..., state=...)`` to continue the run."""
+        tensors, meta = load_state(path)
+        if not isinstance(meta.get("sites"), list) or not isinstance(meta.get("signal"), str):
+            raise StatsFileError(f"{path} is an EMU state file without the sites and signal of a drop-in run")
+        state = cls()
+        state.tensors, state.signature = tensors, {"sites": tuple(meta["sites"]), "signal": meta["signal"]}
+        return state
 
 
 _STATES: "weakref.WeakKeyDictionary[RealStats, CFMState]" = weakref.WeakKeyDictionary()
@@ -131,13 +149,7 @@ class _Engine(CFMLoss):
         self._losses = None
         self._device_ids = device_ids
         self.targets = None
-        try:
-            super().__init__(model, stats, **options)
-        except BaseException:
-            if hasattr(self, "hooks"):
-                self.hooks.remove()
-            raise
-        self.device = next(model.parameters()).device
+        super().__init__(model, stats, **options)  # a refused loss removes its own hooks
 
     def _capture(self, name, feat):
         if not self.enabled:
@@ -171,17 +183,16 @@ class _Engine(CFMLoss):
         if missing:
             raise RuntimeError(f"no features captured at sites {missing[:3]}: run the teacher forward "
                                "before reading r_feature")
-        self._current = {}
+        merged = {}
         for name in self.names:
             parts = self._slices[name]
-            ordered = [parts[k] for k in sorted(parts, key=self._batch_order)]
-            self._current[name] = merge_slices(ordered, self.device)
-        norms = self.site_norms(self.targets)
+            merged[name] = merge_slices([parts[k] for k in sorted(parts, key=self._batch_order)], self.device)
+        norms = self.site_norms(self.targets, merged)
         return {name: self.eta * (fn[i] + sn[i])
                 for d, (fn, sn) in norms.items() for i, name in enumerate(self.groups[d])}
 
-    def next_batch(self) -> None:
-        super().next_batch()
+    def next_batch(self, batches=None) -> None:
+        super().next_batch(batches)
         self.new_forward()
 
 
@@ -231,9 +242,10 @@ class CFMHooks(list):
         """β_t for step t of T: by default t = ipc id, T = number of ipc ids (the release)."""
         self.cfm.set_curriculum(t, T)
 
-    def next_batch(self) -> None:
-        """After each class-batch: fold its statistics into the EMU mean (kept in ``state``)."""
-        self.cfm.next_batch()
+    def next_batch(self, batches=None) -> None:
+        """After each class-batch: fold its statistics into the EMU mean (kept in ``state``);
+        ``batches``: see ``CFMLoss.next_batch`` (torchrun)."""
+        self.cfm.next_batch(batches)
         self.state.tensors = self.cfm.state_dict()
 
     def close(self) -> None:
