@@ -13,6 +13,7 @@ from unidd_fast.pipeline.datasets import Batches, TensorImages
 from unidd_fast.pipeline.models import build_model, load_teacher, save_teacher
 from unidd_fast.pipeline.recover import pixel_bounds, plan_class_batches, recover_class_batch, recover_set
 from unidd_fast.pipeline.train import fit
+from unidd_fast.regularizer import Regularizer
 
 IDENTITY = Augment(scale=(1, 1), ratio=(1, 1), shift=0.0, flip=False)
 LO, HI = pixel_bounds((0.5, 0.5), (0.25, 0.25), "cpu")
@@ -26,7 +27,7 @@ def _teacher(gen):
     return model.eval().requires_grad_(False)
 
 
-class PoisonAt:
+class PoisonAt(Regularizer):
     """A regulariser that is 0 except for NaN at its ``at``-th call (1-based); counts calls."""
 
     def __init__(self, at):
@@ -35,12 +36,6 @@ class PoisonAt:
     def __call__(self, targets):
         self.calls += 1
         return torch.tensor(float("nan") if self.calls == self.at else 0.0)
-
-    def set_curriculum(self, t, T):
-        pass
-
-    def next_batch(self):
-        pass
 
 
 def _set(model, reg, rc, gen, init=None):

@@ -12,8 +12,8 @@ Three layers, so that later work can reuse each one:
   before each and folds it into the EMU (``next_batch``) after it, across the whole run;
   hands each finished class-batch to ``on_batch`` (which writes it at once).
 
-A regulariser is called as ``reg(targets)`` after ``model(x)`` and has ``set_curriculum``,
-``next_batch`` and ``remove`` (CFMLoss, or BNMatchLoss for the SRe2L baseline).
+A regulariser (``unidd_fast.regularizer.Regularizer``: CFMLoss, or BNMatchLoss for the SRe2L
+baseline) is called as ``reg(targets)`` after ``model(x)``.
 """
 from __future__ import annotations
 
@@ -34,6 +34,7 @@ from ..errors import ConfigError, NonFiniteError, NotPositiveDefiniteError
 from ..loss import CFMLoss
 from ..progress import progress
 from ..real_stats import RealStats, atomic_write
+from ..regularizer import Regularizer
 from .augment import Augment, make_augment
 from .checkpoint import RecoverCheckpoint
 from .checks import check_stats, check_teacher
@@ -80,7 +81,7 @@ def pick_real(train_labels: torch.Tensor, num_classes: int, ipc: int, generator:
     return torch.stack(picks, 1)
 
 
-def make_regularizer(rc: RecoverConfig, model: nn.Module, stats: RealStats | None):
+def make_regularizer(rc: RecoverConfig, model: nn.Module, stats: RealStats | None) -> Regularizer | None:
     """CFMLoss for loss="cfm", BNMatchLoss for "sre2l", None for "none"."""
     if rc.loss == "cfm":
         return CFMLoss(model, stats, beta=rc.beta, eta=rc.eta, signal=rc.signal, emu=rc.emu, sites=rc.sites,
@@ -264,7 +265,7 @@ def recover_one(cfg: Config, data: Data, model: nn.Module, stats: RealStats | No
         def on_batch(cb, images, ce, reg):
             finished[0] = min(finished[0] + here.world_size, len(plan))
             pixels = None if cb is None else to_pixels(images, data.mean, data.std)
-            checkpoint.save(finished[0], _state(regularizer), getattr(regularizer, "step", 0),
+            checkpoint.save(finished[0], _state(regularizer), _step(regularizer),
                             None if cb is None else cb.index, pixels)
             if cb is not None:
                 writer.write_pixels(cb, pixels)
@@ -291,9 +292,13 @@ def recover_one(cfg: Config, data: Data, model: nn.Module, stats: RealStats | No
     return record
 
 
-def _state(regularizer) -> dict[str, torch.Tensor]:
-    """The regulariser's EMU state (CFMLoss), {} for one without (BN matching, none)."""
-    return regularizer.state_dict() if hasattr(regularizer, "state_dict") else {}
+def _state(regularizer: Regularizer | None) -> dict[str, torch.Tensor]:
+    """The regulariser's run state (CFMLoss: the EMU), {} for one without (BN matching, none)."""
+    return {} if regularizer is None else regularizer.state_dict()
+
+
+def _step(regularizer: Regularizer | None) -> int:
+    return 0 if regularizer is None else regularizer.step
 
 
 def _resume(checkpoint: RecoverCheckpoint, regularizer, writer: SetWriter, plan: list[ClassBatch], device,
@@ -303,9 +308,9 @@ def _resume(checkpoint: RecoverCheckpoint, regularizer, writer: SetWriter, plan:
     done, state, step, pending = checkpoint.load(device)
     if not done:
         return 0, {}, 0
-    if state is not None:
-        regularizer.load_state_dict(state)
-    if hasattr(regularizer, "step"):
+    if regularizer is not None:
+        if state is not None:
+            regularizer.load_state_dict(state)
         regularizer.step = step
     if checkpoint.rank == 0:
         for index, pixels in pending:

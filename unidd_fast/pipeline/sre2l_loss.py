@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..regularizer import Regularizer
 from ..sites import SiteHooks
 
 
@@ -28,12 +29,13 @@ class BNFeatureHook:
                           + torch.linalg.vector_norm(var - self.module.running_var))
 
 
-class BNMatchLoss:
+class BNMatchLoss(Regularizer):
     """r_bn · Σ_l m_l r_feature_l over every BatchNorm2d of ``model``, with m_1 =
     ``first_bn_multiplier`` and m_l = 1 after (SRe2L's defaults: 0.01 and 10).
 
-    Same calling convention as CFMLoss: ``model(x)`` then ``loss(targets)``; the curriculum
-    and class-batch calls are accepted and do nothing (BN statistics have no EMU here).
+    Same calling convention as CFMLoss: ``model(x)`` then ``loss(targets)``; no curriculum,
+    no run state (BN statistics have no EMU here) and graph-safe as it is: the Regularizer
+    defaults.
     """
 
     def __init__(self, model: nn.Module, r_bn: float = 0.01, first_bn_multiplier: float = 10.0):
@@ -54,9 +56,6 @@ class BNMatchLoss:
         total = sum(self.weights[n] * layer.r_feature for n, layer in self.layers.items())
         self.last = {"bn": total.detach()}
         return self.r_bn * total
-
-    def set_curriculum(self, t, T) -> None:
-        """No curriculum: accepted for the CFMLoss calling convention."""
 
     def next_batch(self) -> None:
         for layer in self.layers.values():

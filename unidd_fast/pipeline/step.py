@@ -23,6 +23,7 @@ from torch import nn
 from ..errors import ConfigError, NonFiniteError, NotPositiveDefiniteError
 from ..profiling import annotate
 from ..progress import progress
+from ..regularizer import Regularizer
 from .augment import Augment
 from .train import lr_at
 
@@ -66,7 +67,7 @@ def teacher_autocast(device: torch.device, precision: str):
                           cache_enabled=False)
 
 
-def recover_step(images: torch.Tensor, targets: torch.Tensor, model: nn.Module, regularizer,
+def recover_step(images: torch.Tensor, targets: torch.Tensor, model: nn.Module, regularizer: Regularizer | None,
                  optimizer: torch.optim.Optimizer, augment: Augment, generator: torch.Generator | None,
                  lo: torch.Tensor, hi: torch.Tensor, precision: str = "fp32") -> tuple[torch.Tensor, torch.Tensor]:
     """One update of ``images`` (k, C, H, W), a leaf the optimizer owns, toward class ids
@@ -84,7 +85,7 @@ def recover_step(images: torch.Tensor, targets: torch.Tensor, model: nn.Module, 
             reg = torch.zeros((), device=images.device)
         else:
             # signal="soft" matches FLCs built from the teacher's probabilities of this batch
-            soft = getattr(regularizer, "signal", None) == "soft"
+            soft = regularizer.signal == "soft"
             reg = regularizer(torch.softmax(logits.detach(), 1) if soft else targets)
     with annotate("recover/backward"):
         (ce + reg).backward()
@@ -146,7 +147,7 @@ class RecoverEngine:
     class-batch with graphs) and after the last step.
     """
 
-    def __init__(self, model: nn.Module, regularizer, rc, augment: Augment, generator: torch.Generator | None,
+    def __init__(self, model: nn.Module, regularizer: Regularizer | None, rc, augment: Augment, generator: torch.Generator | None,
                  lo: torch.Tensor, hi: torch.Tensor, options: StepOptions = StepOptions(),
                  check_every: int | None = None, graph_safe: bool | None = None, compile_backend: str = "inductor"):
         self.device = lo.device
@@ -155,7 +156,7 @@ class RecoverEngine:
         self.rc, self.regularizer, self.augment, self.generator = rc, regularizer, augment, generator
         self.lo, self.hi, self.options = lo, hi, options
         self.graph_safe = options.cuda_graphs if graph_safe is None else graph_safe
-        if self.graph_safe and hasattr(regularizer, "make_graph_safe"):
+        if self.graph_safe and regularizer is not None:
             regularizer.make_graph_safe()
         if check_every is None:
             check_every = rc.iterations if options.cuda_graphs else 1 if self.device.type == "cpu" else CHECK_EVERY
@@ -204,7 +205,7 @@ class RecoverEngine:
         with annotate("recover/graph capture"), torch.cuda.graph(graph):
             slot.out = self._iteration(slot)
         slot.graph = graph
-        if hasattr(self.regularizer, "graph_outputs"):
+        if self.regularizer is not None:
             slot.reg_outputs = self.regularizer.graph_outputs()
 
     def run(self, init: torch.Tensor, targets: torch.Tensor, desc: str = "iterations"):
