@@ -5,7 +5,7 @@ nodes). Backend: NCCL when the run's device is CUDA, gloo on CPU.
 
 - Statistics: each rank reads a disjoint shard (``ShardSampler``: no padding duplicates) and
   the per-site moments (count, mean, centred second moment, label sums) are gathered
-  (``gather``) and folded with Chan's merge in rank order (``real_stats.merge_moments``), so
+  (``gather_state``) and folded with Chan's merge in rank order (``real_stats.merge_moments``), so
   every rank ends with the same RealStats as one process over all the data, to rounding.
 - Recover: class-batches are dealt round-robin (``shard_rounds``); after every round
   ``merge_emu`` folds all ranks' finished batches into every rank's EMU mean, so each rank
@@ -23,8 +23,8 @@ from torch.utils.data import DataLoader, DistributedSampler, Sampler
 
 from .errors import ConfigError
 
-__all__ = ["DistInfo", "ShardSampler", "barrier", "gather", "info", "init", "is_distributed", "merge_emu",
-           "shard_loader", "shard_rounds", "shutdown"]
+__all__ = ["DistInfo", "ShardSampler", "barrier", "gather", "gather_state", "info", "init", "is_distributed",
+           "merge_emu", "shard_loader", "shard_rounds", "shutdown"]
 
 
 @dataclass(frozen=True)
@@ -168,6 +168,15 @@ def shard_rounds(n_items: int, rank: int | None = None, world_size: int | None =
 
 
 # --- exact merges --------------------------------------------------------------------------
+
+def gather_state(state: dict[str, torch.Tensor]) -> list[dict[str, torch.Tensor]]:
+    """Every rank's ``state`` (same keys and shapes on every rank) in rank order, through one
+    all_gather of its entries flattened to float64 (exact for integers below 2**53)."""
+    sizes = [v.numel() for v in state.values()]
+    flat = torch.cat([v.double().flatten().cpu() for v in state.values()])
+    return [{key: part.reshape(v.shape).to(v.dtype) for (key, v), part in zip(state.items(), gathered.split(sizes))}
+            for gathered in gather(flat)]
+
 
 def merge_emu(cfm) -> None:
     """End of a recover round under torchrun, on every rank in place of ``next_batch()``:

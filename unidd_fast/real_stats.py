@@ -47,9 +47,46 @@ class SiteStats:
 class MomentAccumulator:
     """Streaming (count, mean, centred second moment, label sums) of one site, float64."""
 
+    FIELDS = ("mean", "m2", "label_sum", "soft_sum")
+
     def __init__(self):
         self.count = 0
         self.mean = self.m2 = self.label_sum = self.soft_sum = None
+
+    @classmethod
+    def zeros(cls, d: int, c: int, c_soft: int) -> "MomentAccumulator":
+        """An empty accumulator (count 0) with zero moments of a (d)-wide site, c and c_soft
+        label columns: the same shapes as a filled one, for collectives."""
+        acc = cls()
+        acc.mean, acc.m2 = torch.zeros(d, dtype=torch.float64), torch.zeros(d, d, dtype=torch.float64)
+        acc.label_sum, acc.soft_sum = (torch.zeros(d, k, dtype=torch.float64) for k in (c, c_soft))
+        return acc
+
+    @classmethod
+    def of(cls, s: "SiteStats", num_images: int) -> "MomentAccumulator":
+        """The accumulator ``s`` was finalised from (m2 = Ψ·count, label sums = Φ·images,
+        each to one float64 rounding)."""
+        acc = cls()
+        acc.count, acc.mean, acc.m2 = s.count, s.mu.double(), s.psi.double() * s.count
+        acc.label_sum, acc.soft_sum = s.phi.double() * num_images, s.phi_soft.double() * num_images
+        return acc
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """{"count": 0-d int64, "mean", "m2", "label_sum", "soft_sum"} (just the count while empty)."""
+        state = {"count": torch.tensor(self.count, dtype=torch.int64)}
+        if self.mean is not None:
+            state.update({f: getattr(self, f) for f in self.FIELDS})
+        return state
+
+    @classmethod
+    def from_state_dict(cls, state: dict[str, torch.Tensor]) -> "MomentAccumulator":
+        """The accumulator whose ``state_dict()`` is ``state``."""
+        acc = cls()
+        acc.count = int(state["count"])
+        if "mean" in state:
+            for f in cls.FIELDS:
+                setattr(acc, f, state[f].double())
+        return acc
 
     def update(self, psi_b, mu_b, pooled, onehot, probs, rows: int) -> None:
         """Fold in one batch: its covariance psi_b and mean mu_b over ``rows`` rows, pooled (n,d)
@@ -206,25 +243,6 @@ class RealStats:
 
 # --- exact merges across torchrun ranks ---------------------------------------------------
 
-def _pack(acc: MomentAccumulator, d: int, c: int, c_soft: int) -> torch.Tensor:
-    if acc.count == 0:
-        return torch.zeros(1 + d + d * d + d * c + d * c_soft, dtype=torch.float64)
-    parts = (acc.mean, acc.m2, acc.label_sum, acc.soft_sum)
-    return torch.cat([torch.tensor([float(acc.count)], dtype=torch.float64)]
-                     + [p.double().flatten().cpu() for p in parts])
-
-
-def _unpack(flat: torch.Tensor, d: int, c: int, c_soft: int) -> MomentAccumulator:
-    acc = MomentAccumulator()
-    acc.count = int(flat[0])
-    if acc.count:
-        sizes = (d, d * d, d * c, d * c_soft)
-        mean, m2, label_sum, soft_sum = flat[1:].split(sizes)
-        acc.mean, acc.m2 = mean.clone(), m2.reshape(d, d).clone()
-        acc.label_sum, acc.soft_sum = label_sum.reshape(d, c).clone(), soft_sum.reshape(d, c_soft).clone()
-    return acc
-
-
 def merge_moments(acc: dict[str, MomentAccumulator], shapes: dict[str, tuple], num_images: int,
                   num_classes: int) -> int:
     """Replace every rank's per-site accumulators by the merge of all ranks' (in rank order,
@@ -243,9 +261,10 @@ def merge_moments(acc: dict[str, MomentAccumulator], shapes: dict[str, tuple], n
     for i, name in enumerate(names):
         d, h, w, c_soft = (int(v) for v in meta[i])
         shapes.setdefault(name, (d, h, w))
+        mine = acc[name] if acc[name].count else MomentAccumulator.zeros(d, num_classes, c_soft)
         merged = MomentAccumulator()
-        for flat in dist_helpers.gather(_pack(acc[name], d, num_classes, c_soft)):
-            merged.merge(_unpack(flat, d, num_classes, c_soft))
+        for state in dist_helpers.gather_state(mine.state_dict()):
+            merged.merge(MomentAccumulator.from_state_dict(state))
         acc[name] = merged
     return total
 

@@ -28,29 +28,16 @@ from .rundir import RunDir
 from .train import setup_device
 
 CHECKPOINT = "checkpoints/stats.safetensors"
-CHECKPOINT_FORMAT = "unidd_fast.stats_checkpoint/1"
+CHECKPOINT_FORMAT = "unidd_fast.stats_checkpoint/2"
 CHUNK_BATCHES = 200  # batches between two checkpoints (≈ 51k images at batch size 256)
-FIELDS = ("mean", "m2", "label_sum", "soft_sum")
-
-
-def moments_of(stats: RealStats) -> dict[str, MomentAccumulator]:
-    """The accumulators ``stats`` was finalised from (m2 = Ψ·count, label sums = Φ·images,
-    each to one float64 rounding)."""
-    out = {}
-    for name in stats.sites:
-        s, acc = stats[name], MomentAccumulator()
-        acc.count, acc.mean, acc.m2 = s.count, s.mu.double(), s.psi.double() * s.count
-        acc.label_sum, acc.soft_sum = s.phi.double() * stats.num_images, s.phi_soft.double() * stats.num_images
-        out[name] = acc
-    return out
 
 
 def save_progress(path: Path, acc: dict[str, MomentAccumulator], shapes: dict, position: int, num_images: int,
                   model_class: str) -> None:
     """Running moments after the first ``position`` training images (atomic)."""
-    tensors = {f"{name}/{f}": getattr(a, f).cpu().contiguous() for name, a in acc.items() for f in FIELDS}
+    tensors = {f"{name}/{k}": v.cpu().contiguous() for name, a in acc.items() for k, v in a.state_dict().items()}
     meta = {"format": CHECKPOINT_FORMAT, "position": position, "num_images": num_images, "model_class": model_class,
-            "sites": list(acc), "counts": {n: a.count for n, a in acc.items()}, "shapes": shapes}
+            "sites": list(acc), "shapes": shapes}
     atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"unidd": json.dumps(meta)}))
 
 
@@ -64,14 +51,11 @@ def load_progress(path: Path, model_class: str) -> tuple[int, int, dict, dict]:
             tensors = {k: handle.get_tensor(k) for k in handle.keys()}
         if meta.get("format") != CHECKPOINT_FORMAT or meta["model_class"] != model_class:
             raise ValueError(f"not a {CHECKPOINT_FORMAT} file of a {model_class}")
+        acc = {name: MomentAccumulator.from_state_dict({k.rpartition("/")[2]: v for k, v in tensors.items()
+                                                         if k.rpartition("/")[0] == name})
+               for name in meta["sites"]}
     except Exception as exc:
         raise ConfigError(f"cannot resume from {path} ({exc}); rerun with --force to start over") from exc
-    acc = {}
-    for name in meta["sites"]:
-        acc[name] = MomentAccumulator()
-        acc[name].count = meta["counts"][name]
-        for f in FIELDS:
-            setattr(acc[name], f, tensors[f"{name}/{f}"])
     shapes = {k: tuple(v) for k, v in meta["shapes"].items()}
     return meta["position"], meta["num_images"], acc, shapes
 
@@ -98,8 +82,8 @@ def run(cfg: Config, out: RunDir, teacher_path, batch_size: int = 256, chunk_bat
                             pin_memory=device.type == "cuda")
         got = collect_real_stats(teacher, loader, data.num_classes, sites=cfg.recover.sites, device=device,
                                  distributed=here.world_size > 1)
-        for name, moments in moments_of(got).items():
-            acc.setdefault(name, MomentAccumulator()).merge(moments)
+        for name in got.sites:
+            acc.setdefault(name, MomentAccumulator()).merge(MomentAccumulator.of(got[name], got.num_images))
         shapes.update(got.shapes)
         num_images += got.num_images
         position = start + len(part)
