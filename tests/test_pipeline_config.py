@@ -61,3 +61,20 @@ def test_cuda_graphs_on_a_cpu_run_fails_fast():
         config.validate(cfg)
     config.set_value(cfg, "recover.cuda_graphs", "auto")
     config.validate(cfg)
+
+
+def test_choices_come_from_the_registries():
+    from unidd_fast import filters, loss
+    from unidd_fast.cli import build_parser
+    from unidd_fast.pipeline import datasets
+
+    assert config.DATASETS == tuple(datasets.READERS) and set(config.DEFAULTS) == set(config.DATASETS)
+    assert config.CHOICES["data.dataset"] == config.DATASETS
+    assert config.CHOICES["recover.filter"] == tuple(filters.LOSS_FILTERS) == loss.FILTERS
+    assert config.CHOICES["recover.signal"] == loss.SIGNALS
+    for dataset in config.DATASETS:  # every preset is valid for its dataset
+        config.validate(config.defaults(dataset))
+    for dataset in config.DATASETS:
+        assert build_parser().parse_args(["stats", "--dataset", dataset]).dataset == dataset
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["stats", "--dataset", "mnist"])

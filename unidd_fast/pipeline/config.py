@@ -12,9 +12,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import ConfigError
+from ..filters import LOSS_FILTERS
+from ..loss import SIGNALS
 from ..real_stats import atomic_write
+from .datasets import READERS
+from .step import GRAPH_MODES, PRECISIONS
 
-DATASETS = ("digits", "cifar10", "cifar100", "tiny-imagenet", "imagenet", "folder")
+DATASETS = tuple(READERS)
 ARCHS = ("resnet18", "resnet50", "resnet101", "convnet")
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -182,11 +186,11 @@ CHOICES = {
     "recover.loss": ("cfm", "sre2l", "none"),
     "recover.init": ("", "real", "noise"),
     "recover.beta_per": ("ipc", "batch"),
-    "recover.signal": ("class", "mean", "soft"),
-    "recover.filter": ("cfm", "krr", "lowpass", "allpass", "mtt"),
+    "recover.signal": SIGNALS,
+    "recover.filter": tuple(LOSS_FILTERS),
     "recover.image_format": ("png", "jpg"),
-    "recover.precision": ("auto", "fp32", "bf16"),
-    "recover.cuda_graphs": ("auto", "on", "off"),
+    "recover.precision": PRECISIONS,
+    "recover.cuda_graphs": GRAPH_MODES,
     "evaluate.optimizer": ("adamw", "sgd"),
     "evaluate.augment": ("crop", "rrc"),
     "evaluate.arch": ("",) + ARCHS,

@@ -30,7 +30,6 @@ from torchvision import datasets as tvd
 from torchvision import transforms as T
 
 from ..errors import ConfigError
-from .config import DataConfig
 
 
 @dataclass
@@ -136,7 +135,7 @@ class Batches:
 
 # --- digits -----------------------------------------------------------------------------
 
-def load_digits(cfg: DataConfig) -> Data:
+def load_digits(cfg) -> Data:
     from sklearn.datasets import load_digits as sk_digits
     from sklearn.model_selection import train_test_split
 
@@ -189,7 +188,7 @@ def _read_cifar_file(path: Path, key: str = "data") -> dict:
     return entry
 
 
-def load_cifar(cfg: DataConfig) -> Data:
+def load_cifar(cfg) -> Data:
     cls = tvd.CIFAR10 if cfg.dataset == "cifar10" else tvd.CIFAR100
     root = Path(cfg.data).expanduser()
     folder = root if root.name == cls.base_folder else root / cls.base_folder
@@ -231,14 +230,14 @@ def image_loader(channels: int):
     return functools.partial(_open_image, mode="L" if channels == 1 else "RGB")
 
 
-def eval_transform(cfg: DataConfig):
+def eval_transform(cfg):
     """Resize the short side to image_size·resize_ratio, centre crop, tensor, normalise."""
     size = cfg.image_size
     return T.Compose([T.Resize(round(size * cfg.resize_ratio), antialias=True), T.CenterCrop(size), T.ToTensor(),
                       T.Normalize(cfg.mean, cfg.std)])
 
 
-def _image_folder(path: Path, cfg: DataConfig, what: str) -> tvd.ImageFolder:
+def _image_folder(path: Path, cfg, what: str) -> tvd.ImageFolder:
     if not path.is_dir():
         raise ConfigError(f"{cfg.dataset}: {path} does not exist; expected {what}")
     try:
@@ -247,19 +246,19 @@ def _image_folder(path: Path, cfg: DataConfig, what: str) -> tvd.ImageFolder:
         raise ConfigError(f"{cfg.dataset}: {path} has no class folders with images ({exc}); expected {what}") from None
 
 
-def _folder_data(cfg: DataConfig, train: tvd.ImageFolder, test: Dataset) -> Data:
+def _folder_data(cfg, train: tvd.ImageFolder, test: Dataset) -> Data:
     return Data(cfg.dataset, train, test, torch.tensor(train.targets, dtype=torch.long), list(train.classes),
                 cfg.image_size, cfg.channels, tuple(cfg.mean), tuple(cfg.std))
 
 
-def _check_same_classes(cfg: DataConfig, train: tvd.ImageFolder, test: tvd.ImageFolder) -> None:
+def _check_same_classes(cfg, train: tvd.ImageFolder, test: tvd.ImageFolder) -> None:
     if train.classes != test.classes:
         only = sorted(set(train.classes) ^ set(test.classes))[:5]
         raise ConfigError(f"{cfg.dataset}: train/ and {Path(test.root).name}/ have different class folders "
                           f"(e.g. {only}); both need one folder per class with the same names")
 
 
-def load_tiny_imagenet(cfg: DataConfig) -> Data:
+def load_tiny_imagenet(cfg) -> Data:
     root = Path(cfg.data).expanduser()
     if not (root / "train").is_dir() and (root / "tiny-imagenet-200").is_dir():
         root = root / "tiny-imagenet-200"
@@ -286,7 +285,7 @@ def load_tiny_imagenet(cfg: DataConfig) -> Data:
     return _folder_data(cfg, train, test)
 
 
-def load_image_folders(cfg: DataConfig) -> Data:
+def load_image_folders(cfg) -> Data:
     root = Path(cfg.data).expanduser()
     layout = "a directory with train/<class>/<image> and val/<class>/<image>" + (
         " (or test/)" if cfg.dataset == "folder" else "")
@@ -299,18 +298,22 @@ def load_image_folders(cfg: DataConfig) -> Data:
     return _folder_data(cfg, train, test)
 
 
-def load_data(cfg: DataConfig) -> Data:
-    """Read the dataset named by ``cfg.dataset`` from ``cfg.data``."""
+# The datasets, by name: the one table that the config's presets and choices and the CLI's
+# --dataset read.
+READERS = {"digits": load_digits, "cifar10": load_cifar, "cifar100": load_cifar,
+           "tiny-imagenet": load_tiny_imagenet, "imagenet": load_image_folders, "folder": load_image_folders}
+
+
+def load_data(cfg) -> Data:
+    """Read the dataset named by ``cfg.dataset`` (a DataConfig) from ``cfg.data``."""
+    if cfg.dataset not in READERS:
+        raise ConfigError(f"unknown dataset {cfg.dataset!r}; choose one of {tuple(READERS)}")
     if cfg.dataset != "digits" and not cfg.data:
         raise ConfigError(f"--dataset {cfg.dataset} needs --data PATH (the dataset's root directory)")
     if cfg.dataset != "digits" and (len(cfg.mean) != cfg.channels or len(cfg.std) != cfg.channels):
         raise ConfigError(f"data.mean/std need {cfg.channels} values each (one per channel), got "
                           f"{cfg.mean} / {cfg.std}")
-    readers = {"digits": load_digits, "cifar10": load_cifar, "cifar100": load_cifar,
-               "tiny-imagenet": load_tiny_imagenet, "imagenet": load_image_folders, "folder": load_image_folders}
-    if cfg.dataset not in readers:
-        raise ConfigError(f"unknown dataset {cfg.dataset!r}; choose one of {tuple(readers)}")
-    return readers[cfg.dataset](cfg)
+    return READERS[cfg.dataset](cfg)
 
 
 def prepare_data(cfg) -> Data:
