@@ -1,4 +1,4 @@
-"""Every formula of DESIGN.md §1 against a float64 reference written the obvious way."""
+"""Every formula of docs/math.md against a float64 reference written the obvious way."""
 import math
 
 import pytest

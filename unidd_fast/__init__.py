@@ -1,7 +1,7 @@
 """unidd_fast: dataset distillation by spectral filtering (UniDD, CFM), fast.
 
 Public API: site_stats, flc, cfm_site_loss, beta_schedule, filters, unidd_loss,
-collect_real_stats, RealStats, CFMLoss. See README.md and DESIGN.md §1.
+collect_real_stats, RealStats, CFMLoss. See README.md and docs/math.md (the equations).
 """
 from . import filters
 from .errors import (ConfigError, NonFiniteError, NotPositiveDefiniteError, StatsFileError,
