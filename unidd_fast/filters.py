@@ -1,4 +1,4 @@
-"""Spectral filters f(λ) of UniDD (paper Table 1).
+"""Spectral filters f(λ) of UniDD (paper Table 1; docs/math.md#unidd-and-the-filters).
 
 Each filter is a callable on eigenvalue tensors, ``f(lam)``, and applies to a symmetric
 matrix A = U diag(λ) Uᵀ as ``f.matrix(A) = U diag(f(λ)) Uᵀ``. Filters with a closed form

@@ -2,7 +2,8 @@
 
 Streaming and numerically safe: each batch is centred on its own mean in float32, and the
 batches are merged in float64 with Chan's formula M = M_a + M_b + (n_a n_b / n) δδᵀ, so data
-whose |mean| is 100× its standard deviation keeps its covariance to float32 accuracy.
+whose |mean| is 100× its standard deviation keeps its covariance to float32 accuracy
+(docs/math.md#real-statistics).
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The β curriculum of CFM (paper Eq. 16)."""
+"""The β curriculum of CFM (paper Eq. 16; docs/math.md#curriculum)."""
 from __future__ import annotations
 
 import math

@@ -1,4 +1,5 @@
-"""Hook sites: which layers' inputs are matched, and the forward hooks that capture them."""
+"""Hook sites (docs/math.md#sites): which layers' inputs are matched, and the forward hooks
+that capture them."""
 from __future__ import annotations
 
 from typing import Callable, Iterable

@@ -1,4 +1,4 @@
-"""The UniDD objective (paper Eq. 1) on fixed features."""
+"""The UniDD objective (paper Eq. 1; docs/math.md#unidd-and-the-filters) on fixed features."""
 from __future__ import annotations
 
 import torch
