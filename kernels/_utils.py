@@ -45,6 +45,6 @@ def check_cholesky_info(info: torch.Tensor, beta, names=None) -> None:
 
 def inverse_backward(inv: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
     """Gradient of Y = (A + βI)^-1 for symmetric A (..., d, d): dA = −Y sym(G) Y
-    (docs/math.md, gradients)."""
+    (docs/math.md#regularised-inverse-backward)."""
     sym = 0.5 * (grad + grad.transpose(-1, -2))
     return -(inv @ sym @ inv)

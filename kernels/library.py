@@ -3,7 +3,7 @@
 ``register_autograd`` the backward) and autograd, CUDA graphs and eager code all call the
 same thing. Each op resolves its backend in ``registry`` at run time — the torch composite on
 the CPU, the chosen kernel on CUDA — and runs it outside autograd; the registered backward is
-another op (site statistics) or plain torch (the inverse, docs/math.md, gradients).
+another op (site statistics) or plain torch (the inverse, docs/math.md#gradients).
 
 Outputs are contiguous (the fake implementations promise it): d×d results are small, and a
 compiled graph needs one stride per op whatever the backend.

@@ -13,7 +13,7 @@ from .kernels._utils import acc_dtype
 
 
 def site_stats(feat: torch.Tensor, backend: str | None = "auto"):
-    """(psi (d,d), mu (d,), pooled (n,d)) of a feature map (n,d,h,w); docs/math.md (site statistics).
+    """(psi (d,d), mu (d,), pooled (n,d)) of a feature map (n,d,h,w); docs/math.md#site-statistics.
     Accumulated in float32 (float64 for float64 input) also inside an autocast region, where
     hooks run: autocast would otherwise round the Gram's inputs to bf16/fp16."""
     if feat.dim() != 4:

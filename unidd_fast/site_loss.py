@@ -1,5 +1,5 @@
 """Per-site spectral matching terms: the filtered distance of a synthetic Ψ_s (and signal) to the
-real side, and the CFM site loss of paper Eq. 20 (docs/math.md, loss terms)."""
+real side, and the CFM site loss of paper Eq. 20 (docs/math.md#the-cfm-loss)."""
 from __future__ import annotations
 
 import torch

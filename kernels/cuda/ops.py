@@ -142,7 +142,7 @@ class SiteStatsCUDA(torch.autograd.Function):
 
 def site_stats_cuda(feat: torch.Tensor, kernels=None):
     """psi (d,d), mu (d,), pooled (n,d) in float32 of feat (n,d,h,w) — NCHW or channels_last,
-    fp32 / fp16 / bf16 — on the CUDA kernels; docs/math.md (site statistics)."""
+    fp32 / fp16 / bf16 — on the CUDA kernels; docs/math.md#site-statistics."""
     check_features(feat)
     kernels = _kernels_for(feat, kernels)
     x, layout = feature_layout(feat)
