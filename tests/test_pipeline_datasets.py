@@ -1,6 +1,8 @@
 """Dataset readers on tiny files written in each real on-disk format; models and their files."""
 import pickle
 
+import numpy as np
+
 import pytest
 import torch
 
@@ -136,6 +138,26 @@ def test_digits_split_is_stratified_and_normalised():
     # normalised with the train split's own statistics (recorded back into the config)
     assert abs(float(x.mean())) < 1e-4 and abs(float(x.std()) - 1) < 1e-3
     assert cfg.data.mean == data.mean and len(cfg.data.mean) == 1
+
+
+def test_shapes_are_generated_balanced_deterministic_and_normalised(monkeypatch):
+    from unidd_fast.pipeline import datasets, shapes
+
+    monkeypatch.setattr(datasets, "SHAPES_TRAIN_PER_CLASS", 6)
+    monkeypatch.setattr(datasets, "SHAPES_TEST_PER_CLASS", 2)
+    cfg = _cfg("shapes", size=16)
+    data = prepare_data(cfg)  # no --data: generated in process
+    assert (len(data.train), len(data.test), data.classes) == (60, 20, list(shapes.CLASSES))
+    assert torch.bincount(data.train_labels, minlength=10).tolist() == [6] * 10
+    x = data.train.batch(torch.arange(60))[0]
+    assert x.shape == (60, 3, 16, 16) and abs(float(x.mean())) < 1e-4
+    assert cfg.data.mean == data.mean and len(cfg.data.mean) == 3
+    images, labels = shapes.generate(3, 16, seed=5)
+    again, _ = shapes.generate(3, 16, seed=5)
+    assert (images == again).all() and not (images == shapes.generate(3, 16, seed=6)[0]).all()
+    assert images.dtype == np.uint8 and images.shape == (30, 3, 16, 16) and labels.tolist()[:10] == list(range(10))
+    with pytest.raises(ConfigError, match="3 channels"):
+        load_data(_cfg("shapes", channels=1).data)
 
 
 def test_tensor_images_batch_equals_items(gen):

@@ -73,3 +73,25 @@ def test_summary_table_means_over_seeds():
     table = summary_table(records, 0.99)
     assert "85.00 ± 5.00 (2)" in table and "50.00 ± 0.00 (1)" in table and "99.00%" in table
     assert table.splitlines()[1].split()[:2] == ["cfm", "85.00"]
+
+
+def test_summary_table_compares_each_method_with_its_starting_images():
+    acc = {("cfm", 1, 0): 0.90, ("cfm", 1, 1): 0.80, ("random-real", 1, 0): 0.85, ("random-real", 1, 1): 0.70,
+           ("cfm", 10, 0): 0.95, ("random-real", 10, 0): 0.97, ("sre2l", 10, 0): 0.60}
+    records = [{"method": m, "ipc": i, "seed": s, "accuracy": a} for (m, i, s), a in acc.items()]
+    table = summary_table(records, None, {"cfm": "random-real"})
+    cfm = table.splitlines()[1]
+    # paired by seed: ipc 1 gains +5 and +10 -> +7.50 ± 2.50; ipc 10 loses 2 points
+    assert "+7.50 ± 2.50 (2)" in cfm and "-2.00 ± 0.00 (1)" in cfm
+    assert "vs start" in table.splitlines()[0]
+    assert "WORSE" in table and "cfm ipc=10 (-2.00)" in table and "cfm ipc=1 " not in table.splitlines()[-1]
+    assert summary_table(records).count("vs start") == 0  # nothing to compare with: the old table
+
+
+def test_distill_starts_pair_real_initialised_methods_with_the_random_real_subset():
+    from unidd_fast.pipeline import config, distill
+
+    cfg = config.defaults("digits")
+    assert distill.starts(cfg) == {"cfm": "random-real"}
+    cfg.recover.init = "noise"
+    assert distill.starts(cfg) == {}

@@ -28,15 +28,15 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 @dataclass
 class DataConfig:
     dataset: str = "digits"
-    data: str = ""              # path of the dataset root (unused for digits)
+    data: str = ""              # path of the dataset root (unused for digits and shapes)
     image_size: int = 32        # side of the square images the teacher sees
     channels: int = 3
-    mean: tuple = ()            # per-channel normalisation; () = computed from the data (digits)
+    mean: tuple = ()            # per-channel normalisation; () = computed from the data (digits, shapes)
     std: tuple = ()
     flip: bool = True           # horizontal flips in every augmentation (off where a mirror changes the label)
     resize_ratio: float = 1.0   # ImageFolder: resize the short side to image_size·ratio, centre crop
     test_size: float = 0.25     # digits: fraction held out (stratified) as the test set
-    split_seed: int = 0
+    split_seed: int = 0         # digits: the split's seed; shapes: the generator's
     workers: int = 2            # DataLoader workers for ImageFolder datasets
 
 
@@ -126,8 +126,8 @@ class Config:
         atomic_write(Path(path), lambda tmp: Path(tmp).write_text(text + "\n"))
 
 
-# Paper appendix: Table 2 (squeeze), Table 3 (recover), Table 4 (validation). Digits is ours:
-# sized so that `unidd-fast distill` runs on two CPU cores in minutes.
+# Paper appendix: Table 2 (squeeze), Table 3 (recover), Table 4 (validation). Digits and
+# shapes are ours: sized so that `unidd-fast distill` runs on two CPU cores in minutes.
 _CIFAR_SQUEEZE = dict(epochs=200, lr=0.1, weight_decay=5e-4, batch_size=128, scheduler="cosine", augment="crop")
 _CIFAR_RECOVER = dict(beta=0.1, iterations=1000, lr=0.25, batch_size=10, crop_min=0.5)
 _TINY = {
@@ -142,6 +142,19 @@ DEFAULTS: dict[str, dict] = {
         "data": dict(image_size=16, channels=1, flip=False),
         "model": dict(arch="convnet", width=32, depth=3),
         "squeeze": dict(epochs=15, optimizer="sgd", lr=0.05, weight_decay=5e-4, batch_size=64,
+                        scheduler="cosine", augment="crop"),
+        "recover": dict(beta=0.1, iterations=1000, lr=0.25, batch_size=10, crop_min=0.5, shift=0.125),
+        "evaluate": dict(epochs=300, optimizer="adamw", lr=3e-3, weight_decay=5e-4, batch_size=50,
+                         temperature=20.0, augment="crop"),
+        "ipc": [1, 10],
+        "seeds": [0, 1],
+        "device": "cpu",
+        "threads": 1,
+    },
+    "shapes": {
+        "data": dict(image_size=16, channels=3, flip=True),
+        "model": dict(arch="convnet", width=32, depth=3),
+        "squeeze": dict(epochs=60, optimizer="sgd", lr=0.05, weight_decay=5e-4, batch_size=64,
                         scheduler="cosine", augment="crop"),
         "recover": dict(beta=0.1, iterations=1000, lr=0.25, batch_size=10, crop_min=0.5, shift=0.125),
         "evaluate": dict(epochs=300, optimizer="adamw", lr=3e-3, weight_decay=5e-4, batch_size=50,

@@ -7,6 +7,8 @@ augmentation: training augmentation is applied to whole batches on the device
 
 - digits: scikit-learn's handwritten digits (8×8, shipped with scikit-learn), stratified
   train/test split, bilinearly upsampled to ``image_size``.
+- shapes: ten classes of coloured, textured shapes on varied backgrounds, generated in
+  process from a seed (``shapes.py``).
 - cifar10 / cifar100: torchvision's on-disk format (``cifar-10-batches-py/``,
   ``cifar-100-python/``), read with a restricted unpickler that only rebuilds numpy arrays.
 - tiny-imagenet: ``tiny-imagenet-200/{train,val}``; val either as released (``val/images`` +
@@ -30,6 +32,9 @@ from torchvision import datasets as tvd
 from torchvision import transforms as T
 
 from ..errors import ConfigError
+from . import shapes
+
+IN_PROCESS = ("digits", "shapes")  # need no --data; normalisation computed from the train split
 
 
 @dataclass
@@ -150,12 +155,41 @@ def load_digits(cfg) -> Data:
     elif cfg.channels != 1:
         raise ConfigError(f"digits has 1 or 3 channels, got data.channels={cfg.channels}")
     train_idx, test_idx = torch.from_numpy(train_idx), torch.from_numpy(test_idx)
-    mean = tuple(cfg.mean) or tuple(x[train_idx].mean((0, 2, 3)).tolist())
-    std = tuple(cfg.std) or tuple(x[train_idx].std((0, 2, 3)).tolist())
+    return _in_memory(cfg, x[train_idx], y[train_idx], x[test_idx], y[test_idx], [str(c) for c in range(10)])
+
+
+def _in_memory(cfg, xtr, ytr, xte, yte, classes) -> Data:
+    """Data of in-memory images (N, C, H, W), float in [0, 1] or uint8, normalised with
+    cfg.mean/std or, where those are empty, with the train split's per-channel moments."""
+    scale = 255.0 if xtr.dtype == torch.uint8 else 1.0
+    mean = tuple(cfg.mean) or tuple((xtr.float().mean((0, 2, 3)) / scale).tolist())
+    std = tuple(cfg.std) or tuple((xtr.float().std((0, 2, 3)) / scale).tolist())
     size = cfg.image_size
-    return Data("digits", TensorImages(x[train_idx], y[train_idx], mean, std, size),
-                TensorImages(x[test_idx], y[test_idx], mean, std, size), y[train_idx],
-                [str(c) for c in range(10)], size, cfg.channels, mean, std)
+    return Data(cfg.dataset, TensorImages(xtr, ytr, mean, std, size), TensorImages(xte, yte, mean, std, size), ytr,
+                list(classes), size, cfg.channels, mean, std)
+
+
+# --- shapes (generated) -------------------------------------------------------------------
+
+SHAPES_TRAIN_PER_CLASS, SHAPES_TEST_PER_CLASS = 200, 50
+
+
+@functools.lru_cache(maxsize=2)
+def _shapes_images(per_class: int, size: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    images, labels = shapes.generate(per_class, size, seed)
+    return torch.from_numpy(images), torch.from_numpy(labels)
+
+
+def load_shapes(cfg) -> Data:
+    """The generated shapes (``shapes.py``): 200 train and 50 test images per class, drawn
+    at ``image_size`` from seeds derived from ``split_seed`` (train and test never share a seed)."""
+    if cfg.channels != 3:
+        raise ConfigError(f"shapes images have 3 channels, got data.channels={cfg.channels}")
+    if cfg.image_size < 8:
+        raise ConfigError(f"shapes needs data.image_size >= 8, got {cfg.image_size}")
+    xtr, ytr = _shapes_images(SHAPES_TRAIN_PER_CLASS, cfg.image_size, 2 * cfg.split_seed)
+    xte, yte = _shapes_images(SHAPES_TEST_PER_CLASS, cfg.image_size, 2 * cfg.split_seed + 1)
+    return _in_memory(cfg, xtr, ytr, xte, yte, shapes.CLASSES)
 
 
 # --- CIFAR ------------------------------------------------------------------------------
@@ -300,7 +334,7 @@ def load_image_folders(cfg) -> Data:
 
 # The datasets, by name: the one table that the config's presets and choices and the CLI's
 # --dataset read.
-READERS = {"digits": load_digits, "cifar10": load_cifar, "cifar100": load_cifar,
+READERS = {"digits": load_digits, "shapes": load_shapes, "cifar10": load_cifar, "cifar100": load_cifar,
            "tiny-imagenet": load_tiny_imagenet, "imagenet": load_image_folders, "folder": load_image_folders}
 
 
@@ -308,9 +342,10 @@ def load_data(cfg) -> Data:
     """Read the dataset named by ``cfg.dataset`` (a DataConfig) from ``cfg.data``."""
     if cfg.dataset not in READERS:
         raise ConfigError(f"unknown dataset {cfg.dataset!r}; choose one of {tuple(READERS)}")
-    if cfg.dataset != "digits" and not cfg.data:
+    generated = cfg.dataset in IN_PROCESS
+    if not generated and not cfg.data:
         raise ConfigError(f"--dataset {cfg.dataset} needs --data PATH (the dataset's root directory)")
-    if cfg.dataset != "digits" and (len(cfg.mean) != cfg.channels or len(cfg.std) != cfg.channels):
+    if not generated and (len(cfg.mean) != cfg.channels or len(cfg.std) != cfg.channels):
         raise ConfigError(f"data.mean/std need {cfg.channels} values each (one per channel), got "
                           f"{cfg.mean} / {cfg.std}")
     return READERS[cfg.dataset](cfg)

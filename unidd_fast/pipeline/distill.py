@@ -30,6 +30,15 @@ def methods(cfg: Config) -> list[Config]:
     return out
 
 
+def starts(cfg: Config) -> dict[str, str]:
+    """{method: the baseline holding the very images it started from}: every method of
+    ``methods(cfg)`` that starts from real images (``pick_real``, the same picks for the
+    same ipc and seed) has the random real subset as its start."""
+    real = [c.recover for c in methods(cfg) if recover.init_kind(c.recover) == "real"]
+    start = [recover.method_name(rc) for rc in real if rc.loss == "none"]
+    return {recover.method_name(rc): start[0] for rc in real if rc.loss != "none" and start}
+
+
 def run(cfg: Config, out: RunDir, teacher_checkpoint=None, print_table: bool = True) -> dict:
     out.write_config(cfg)
     teacher = squeeze.run(cfg, out.child("squeeze"), teacher_checkpoint)["artifacts"]["teacher"]
@@ -43,7 +52,7 @@ def run(cfg: Config, out: RunDir, teacher_checkpoint=None, print_table: bool = T
     ev = evaluate.run(cfg, out.child("evaluate"), teacher, sets)
     out.write_config(cfg)  # now with the normalisation the data stages resolved
     summary = {"teacher_accuracy": ev["teacher_accuracy"], "results": ev["results"]}
-    table = evaluate.summary_table(ev["results"], ev["teacher_accuracy"])
+    table = evaluate.summary_table(ev["results"], ev["teacher_accuracy"], starts(cfg))
     out.log("distill: top-1 (%) on the real test set, mean ± half-range over seeds (count)\n" + table, echo=False)
     artifacts = {"teacher": teacher, "distilled": sets}
     if stats_path:

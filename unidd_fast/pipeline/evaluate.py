@@ -219,27 +219,57 @@ def run(cfg: Config, out: RunDir, teacher_path, distilled: list) -> dict:
     return results
 
 
-def summary_table(records: list[dict], teacher_accuracy: float | None = None) -> str:
-    """Mean ± spread of top-1 (%) per method and ipc, as a plain-text table."""
+def _spread(values: list[float]) -> str:
+    """'mean ± half-range (count)' of ``values``."""
+    mean = sum(values) / len(values)
+    return f"{mean:.2f} ± {(max(values) - min(values)) / 2:.2f} ({len(values)})"
+
+
+def summary_table(records: list[dict], teacher_accuracy: float | None = None, starts: dict | None = None) -> str:
+    """Mean ± spread of top-1 (%) per method and ipc, as a plain-text table.
+
+    starts: {method: the method whose images it started from} (e.g. {"cfm": "random-real"});
+    each such method gets a "vs start" column per ipc: its top-1 minus that of its starting
+    images, paired by seed (mean ± half-range over the seeds both have), and a closing line
+    names every ipc where recovery made the images worse than where they started."""
+    starts = starts or {}
     groups: dict[tuple, list[float]] = {}
+    by_seed: dict[tuple, float] = {}
     for r in records:
         groups.setdefault((r["method"], r["ipc"]), []).append(100 * r["accuracy"])
+        by_seed[(r["method"], r["ipc"], r["seed"])] = 100 * r["accuracy"]
     ipcs = sorted({ipc for _, ipc in groups})
     methods = list(dict.fromkeys(m for m, _ in groups))
+
+    def gains(m, ipc):
+        start = starts.get(m)
+        return [by_seed[k] - by_seed[(start, ipc, k[2])] for k in by_seed
+                if k[:2] == (m, ipc) and (start, ipc, k[2]) in by_seed]
+
+    compared = any(gains(m, i) for m in methods for i in ipcs)
     width = max([len(m) for m in methods] + [6])
-    lines = [f"{'method':<{width}}" + "".join(f"  {'ipc=' + str(i):>16}" for i in ipcs)]
+    header = "".join(f"  {'ipc=' + str(i):>16}" + (f"  {'vs start':>16}" if compared else "") for i in ipcs)
+    lines = [f"{'method':<{width}}" + header]
+    worse = []
     for m in methods:
         cells = []
         for i in ipcs:
             accs = groups.get((m, i))
-            if not accs:
-                cells.append(f"  {'-':>16}")
-                continue
-            mean = sum(accs) / len(accs)
-            spread = (max(accs) - min(accs)) / 2
-            cells.append(f"  {f'{mean:.2f} ± {spread:.2f} ({len(accs)})':>16}")
+            cells.append(f"  {_spread(accs) if accs else '-':>16}")
+            if compared:
+                diff = gains(m, i)
+                text = "-"
+                if diff:
+                    text = f"{'+' if sum(diff) >= 0 else ''}{_spread(diff)}"
+                    if sum(diff) < 0:
+                        worse.append(f"{m} ipc={i} ({sum(diff) / len(diff):+.2f})")
+                cells.append(f"  {text:>16}")
         lines.append(f"{m:<{width}}" + "".join(cells))
+    if compared:
+        pairs = ", ".join(f"{m} from {s}" for m, s in starts.items() if m in methods)
+        lines.append(f"vs start: top-1 minus that of the images the method started from, same ipc and seed ({pairs})")
+    if worse:
+        lines.append("recovery made the images WORSE than the real ones it started from: " + "; ".join(worse))
     if teacher_accuracy is not None:
         lines.append(f"teacher (full real training set): {100 * teacher_accuracy:.2f}%")
     return "\n".join(lines)
-

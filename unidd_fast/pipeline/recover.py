@@ -213,8 +213,13 @@ class SetWriter:
         return path
 
 
+def init_kind(rc: RecoverConfig) -> str:
+    """Where the images start: rc.init, or by default noise for sre2l and real images otherwise."""
+    return rc.init or ("noise" if rc.loss == "sre2l" else "real")
+
+
 def method_name(rc: RecoverConfig) -> str:
-    init = rc.init or ("noise" if rc.loss == "sre2l" else "real")
+    init = init_kind(rc)
     if rc.loss == "none":
         return "random-real" if init == "real" else "noise"
     return rc.loss
@@ -240,9 +245,8 @@ def recover_one(cfg: Config, data: Data, model: nn.Module, stats: RealStats | No
         say(f"{name}: already finished")
         return record
     here = distributed.info()
-    init_kind = rc.init or ("noise" if rc.loss == "sre2l" else "real")
     plan = plan_class_batches(data.num_classes, ipc, rc.batch_size)
-    if init_kind == "real":
+    if init_kind(rc) == "real":
         picks = pick_real(data.train_labels, data.num_classes, ipc, make_generator(torch.device("cpu"), seed))
 
         def init(cb):
