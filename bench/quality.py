@@ -5,7 +5,8 @@ recovers a set per (ipc, seed) and trains a student on it, with the config of th
 dataset's defaults plus ``--set`` overrides (those starting ``cfm:`` apply to CFM only).
 Each set and each evaluation is cached under ``--cache`` by a hash of what determines it,
 so the baselines are recovered and evaluated once per evaluation recipe and reused by every
-CFM variant. Prints one markdown row (what changed, the six numbers, seeds, command) and
+CFM variant. Prints how far recovery moved CFM's images from the real ones it started
+from, and one markdown row (what changed, the six numbers, seeds, command) and
 appends the numbers to ``<cache>/quality.jsonl``.
 
     python bench/quality.py --dataset digits --teacher T --stats S --label "β 1" --set cfm:recover.beta=1
@@ -22,17 +23,40 @@ import time
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 
 from unidd_fast.pipeline import config as config_mod
 from unidd_fast.pipeline.datasets import prepare_data
 from unidd_fast.pipeline.evaluate import evaluate_set
 from unidd_fast.pipeline.models import load_teacher
+from unidd_fast.pipeline import recover
 from unidd_fast.pipeline.recover import recover_one
 from unidd_fast.pipeline.train import setup_device
 from unidd_fast.real_stats import RealStats
 
 METHODS = {"cfm": {}, "sre2l": {"recover.loss": "sre2l", "recover.init": ""},
            "random-real": {"recover.loss": "none", "recover.init": ""}}
+
+
+class WithTotalVariation:
+    """A recover regulariser plus ``weight`` · anisotropic total variation (mean |Δx| over
+    neighbouring pixels) of the images the teacher sees; delegates everything else."""
+
+    def __init__(self, inner, model, weight: float):
+        self.inner, self.weight, self.images = inner, weight, None
+        self.handle = model.register_forward_pre_hook(lambda m, inp: setattr(self, "images", inp[0]))
+
+    def __call__(self, targets):
+        x = self.images
+        tv = (x[..., 1:, :] - x[..., :-1, :]).abs().mean() + (x[..., :, 1:] - x[..., :, :-1]).abs().mean()
+        return self.inner(targets) + self.weight * tv
+
+    def remove(self):
+        self.handle.remove()
+        self.inner.remove()
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
 
 
 def _key(*parts) -> str:
@@ -49,6 +73,7 @@ def main(argv=None) -> int:
     p.add_argument("--seeds", default="0,1")
     p.add_argument("--label", default="default")
     p.add_argument("--methods", default="cfm,sre2l,random-real")
+    p.add_argument("--tv", type=float, default=0.0, help="CFM only: weight of a total-variation prior")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="[cfm:]KEY=VALUE")
     args = p.parse_args(argv)
     base = config_mod.defaults(args.dataset)
@@ -59,6 +84,14 @@ def main(argv=None) -> int:
             cfm_only[key[4:]] = value
         else:
             config_mod.set_value(base, key, value)
+    if args.tv:
+        plain = recover.make_regularizer
+
+        def with_tv(rc, model, stats):
+            inner = plain(rc, model, stats)
+            return WithTotalVariation(inner, model, args.tv) if rc.loss == "cfm" else inner
+
+        recover.make_regularizer = with_tv
     torch.set_num_threads(1)
     device = setup_device(base)
     data = prepare_data(base)
@@ -69,6 +102,7 @@ def main(argv=None) -> int:
     ipcs = [int(s) for s in args.ipc.split(",")]
     seeds = [int(s) for s in args.seeds.split(",")]
     table: dict = {}
+    paths: dict = {}
     started = time.perf_counter()
     for method in args.methods.split(","):
         cfg = copy.deepcopy(base)
@@ -76,8 +110,9 @@ def main(argv=None) -> int:
             config_mod.set_value(cfg, key, value)
         for ipc in ipcs:
             for seed in seeds:
+                tv = args.tv if method == "cfm" else 0.0
                 rkey = _key(args.dataset, str(Path(args.teacher).resolve()), cfg.to_dict()["data"],
-                            cfg.to_dict()["recover"], ipc, seed)
+                            cfg.to_dict()["recover"], ipc, seed, *([tv] if tv else []))
                 root = cache / "sets" / rkey
                 record = recover_one(cfg, data, teacher, stats if cfg.recover.loss == "cfm" else None, root, ipc,
                                      seed, device)
@@ -90,6 +125,7 @@ def main(argv=None) -> int:
                     result_file.parent.mkdir(parents=True, exist_ok=True)
                     result_file.write_text(json.dumps({"accuracy": acc}))
                 table[(method, ipc, seed)] = 100 * acc
+                paths[(method, ipc, seed)] = record["path"]
                 print(f"{method} ipc={ipc} seed={seed}: {100 * acc:.2f}", file=sys.stderr, flush=True)
 
     def cell(method, ipc):
@@ -98,13 +134,23 @@ def main(argv=None) -> int:
             return "-"
         return f"{sum(accs) / len(accs):.1f} ± {(max(accs) - min(accs)) / 2:.1f}"
 
+    # how far recovery moved the images: mean |x − x0| in pixel units (0..1) against the
+    # random real images of the same ipc and seed, which are exactly CFM's starting images
+    drift = {}
+    for (method, ipc, seed), path in paths.items():
+        start = paths.get(("random-real", ipc, seed))
+        if method == "cfm" and start:
+            moved = load_file(path)["images"] - load_file(start)["images"]
+            drift[f"ipc{ipc}_seed{seed}"] = round(float(moved.abs().mean()), 4)
+    if drift:
+        print(f"cfm drift mean |x - x0|: {drift}", file=sys.stderr, flush=True)
     command = "bench/quality.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
     row = [args.dataset, args.label] + [cell(m, i) for i in ipcs for m in ("cfm", "sre2l", "random-real")]
     print("| " + " | ".join(row + [args.seeds, f"`{command}`"]) + " |")
     cache.mkdir(parents=True, exist_ok=True)
     with open(cache / "quality.jsonl", "a") as handle:
         handle.write(json.dumps({"dataset": args.dataset, "label": args.label, "overrides": args.overrides,
-                                 "results": [[m, i, s, a] for (m, i, s), a in table.items()],
+                                 "results": [[m, i, s, a] for (m, i, s), a in table.items()], "drift": drift,
                                  "seconds": round(time.perf_counter() - started, 1)}) + "\n")
     return 0
 
