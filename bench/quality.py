@@ -10,6 +10,7 @@ from, and one markdown row (what changed, the six numbers, seeds, command) and
 appends the numbers to ``<cache>/quality.jsonl``.
 
     python bench/quality.py --dataset digits --teacher T --stats S --label "β 1" --set cfm:recover.beta=1
+    python bench/quality.py --report CACHE     # the table of every experiment so far
 """
 from __future__ import annotations
 
@@ -63,7 +64,36 @@ def _key(*parts) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def report(cache: Path) -> str:
+    """docs/quality.md's table from ``<cache>/quality.jsonl``: per experiment the six
+    numbers (mean ± half-range over seeds), the paired CFM − random real per seed, the drift."""
+    lines = []
+    for line in (cache / "quality.jsonl").read_text().splitlines():
+        r = json.loads(line)
+        acc = {(m, i, s): a for m, i, s, a in r["results"]}
+        seeds = sorted({s for _, _, s in acc})
+
+        def cell(m, i):
+            a = [acc[(m, i, s)] for s in seeds if (m, i, s) in acc]
+            return f"{sum(a) / len(a):.1f} ± {(max(a) - min(a)) / 2:.1f}" if a else "-"
+
+        def gap(i):
+            g = [acc[("cfm", i, s)] - acc[("random-real", i, s)] for s in seeds
+                 if ("cfm", i, s) in acc and ("random-real", i, s) in acc]
+            return " / ".join(f"{x:+.1f}" for x in g) or "-"
+
+        drift = r.get("drift") or {}
+        moved = f"{sum(drift.values()) / len(drift):.3f}" if drift else "-"
+        over = " ".join(r["overrides"]) or "-"
+        lines.append("| " + " | ".join([r["dataset"], r["label"]] + [cell(m, i) for i in (1, 10)
+                     for m in ("cfm", "sre2l", "random-real")] + [gap(1), gap(10), moved, f"`{over}`"]) + " |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
+    if argv is None and sys.argv[1:2] == ["--report"]:
+        print(report(Path(sys.argv[2] if len(sys.argv) > 2 else "bench/out/quality")))
+        return 0
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--dataset", required=True)
     p.add_argument("--teacher", required=True)
@@ -149,7 +179,7 @@ def main(argv=None) -> int:
     print("| " + " | ".join(row + [args.seeds, f"`{command}`"]) + " |")
     cache.mkdir(parents=True, exist_ok=True)
     with open(cache / "quality.jsonl", "a") as handle:
-        handle.write(json.dumps({"dataset": args.dataset, "label": args.label, "overrides": args.overrides,
+        handle.write(json.dumps({"dataset": args.dataset, "label": args.label, "overrides": args.overrides + ([f"--tv {args.tv}"] if args.tv else []),
                                  "results": [[m, i, s, a] for (m, i, s), a in table.items()], "drift": drift,
                                  "seconds": round(time.perf_counter() - started, 1)}) + "\n")
     return 0
