@@ -18,7 +18,9 @@ augmentation: training augmentation is applied to whole batches on the device
 """
 from __future__ import annotations
 
+import codecs
 import functools
+import math
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
@@ -194,21 +196,85 @@ def load_shapes(cfg) -> Data:
 
 # --- CIFAR ------------------------------------------------------------------------------
 
-class _ArrayUnpickler(pickle.Unpickler):
-    """Unpickler for CIFAR's python batches: rebuilds numpy arrays, lists, dicts, str, bytes;
-    refuses every other global, so a hostile file cannot run code."""
+# Plain numeric dtypes a CIFAR batch may hold (uint8 pixels, integer labels), by pickled code.
+CIFAR_DTYPES = frozenset({"u1", "i1", "u2", "i2", "u4", "i4", "u8", "i8"})
 
-    ALLOWED = {
-        ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
-        ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
-        ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),
-        ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode"),
-    }
+
+class _Stub:
+    """What the CIFAR unpickler builds in place of a numpy object: the pickled arguments and
+    state, inert until ``_plain`` has checked them."""
+
+    def __init__(self, kind: str, *args):
+        self.kind, self.args, self.state = kind, args, None
+
+    def __setstate__(self, state):
+        self.state = state
+
+
+class _ArrayUnpickler(pickle.Unpickler):
+    """Unpickler for CIFAR's python batches. numpy's array and dtype constructors are
+    replaced by inert stubs, so nothing numpy would do with a hostile array (a structured
+    dtype whose object fields read raw bytes as pointers, say) happens while loading; every
+    other global is refused, so the file cannot run code either. ``_plain`` then turns the
+    stubs into plain arrays of CIFAR_DTYPES, or refuses them."""
+
+    STUBS = {"_reconstruct": "array", "_frombuffer": "frombuffer", "scalar": "scalar", "dtype": "dtype",
+             "ndarray": "ndarray"}
+    MODULES = {"numpy", "numpy.core.multiarray", "numpy._core.multiarray", "numpy.core.numeric",
+               "numpy._core.numeric"}
 
     def find_class(self, module, name):
-        if (module, name) in self.ALLOWED:
-            return super().find_class(module, name)
+        if module in self.MODULES and name in self.STUBS:
+            return functools.partial(_Stub, self.STUBS[name])
+        if (module, name) == ("_codecs", "encode"):
+            return codecs.encode
         raise pickle.UnpicklingError(f"refusing to load {module}.{name}: not part of a CIFAR batch file")
+
+
+def _plain_dtype(stub) -> np.dtype:
+    """The numpy dtype a dtype stub describes, if it is one of CIFAR_DTYPES with no fields,
+    sub-arrays or flags; ValueError otherwise."""
+    if not isinstance(stub, _Stub) or stub.kind != "dtype" or not stub.args or stub.args[0] not in CIFAR_DTYPES:
+        code = stub.args[0] if isinstance(stub, _Stub) and stub.args else type(stub).__name__
+        raise ValueError(f"an array of dtype {code!r}, expected one of {sorted(CIFAR_DTYPES)}")
+    state = stub.state or (3, "|")
+    if not isinstance(state, tuple) or len(state) < 2 or state[1] not in ("<", ">", "|", "="):
+        raise ValueError(f"a dtype with the state {state!r}")
+    if any(v not in (None, -1, 0) for v in state[2:]):  # sub-array, field names, fields, size, alignment, flags
+        raise ValueError("a structured dtype (fields, sub-arrays or flags), expected a plain numeric dtype")
+    return np.dtype(stub.args[0]).newbyteorder("=" if state[1] == "|" else state[1])
+
+
+def _plain_array(dtype: np.dtype, shape, raw, fortran: bool = False) -> np.ndarray:
+    if not isinstance(shape, tuple) or not all(isinstance(n, int) and n >= 0 for n in shape):
+        raise ValueError(f"an array of shape {shape!r}")
+    raw = raw.encode("latin1") if isinstance(raw, str) else raw
+    if not isinstance(raw, (bytes, bytearray)) or len(raw) != dtype.itemsize * math.prod(shape):
+        raise ValueError(f"an array of shape {shape} whose data is not {dtype.itemsize * math.prod(shape)} bytes")
+    return np.frombuffer(bytes(raw), dtype=dtype).reshape(shape, order="F" if fortran else "C")
+
+
+def _plain(value):
+    """``value`` from _ArrayUnpickler with its stubs turned into plain numeric arrays (numbers
+    for scalars); only dicts, lists, tuples, str, bytes, numbers and None pass. ValueError
+    names the first thing refused."""
+    if isinstance(value, dict):
+        return {_plain(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_plain(v) for v in value)
+    if value is None or isinstance(value, (str, bytes, bool, int, float)):
+        return value
+    if isinstance(value, _Stub) and value.kind == "array":
+        if not isinstance(value.state, tuple) or len(value.state) != 5:
+            raise ValueError("an array without its data")
+        _, shape, dtype, fortran, raw = value.state
+        return _plain_array(_plain_dtype(dtype), shape, raw, bool(fortran))
+    if isinstance(value, _Stub) and value.kind == "frombuffer" and len(value.args) == 4:
+        raw, dtype, shape, order = value.args
+        return _plain_array(_plain_dtype(dtype), shape, raw, order == "F")
+    if isinstance(value, _Stub) and value.kind == "scalar" and len(value.args) == 2:
+        return _plain_array(_plain_dtype(value.args[0]), (), value.args[1]).item()
+    raise ValueError(f"an object of type {value.kind if isinstance(value, _Stub) else type(value).__name__}")
 
 
 def _read_cifar_file(path: Path, key: str = "data") -> dict:
@@ -217,6 +283,10 @@ def _read_cifar_file(path: Path, key: str = "data") -> dict:
             entry = _ArrayUnpickler(handle, encoding="latin1").load()
     except Exception as exc:
         raise ConfigError(f"{path} is not a readable CIFAR batch ({exc}); re-extract the CIFAR archive") from exc
+    try:
+        entry = _plain(entry)
+    except (ValueError, TypeError, OverflowError) as exc:
+        raise ConfigError(f"{path} holds {exc}, which no CIFAR batch holds; re-extract the CIFAR archive") from None
     if not isinstance(entry, dict) or key not in entry:
         raise ConfigError(f"{path} is not a CIFAR file (no {key!r} entry); re-extract the CIFAR archive")
     return entry
