@@ -122,7 +122,7 @@ def test_run_directory_refuses_other_configurations_and_force_starts_over(runs, 
     assert main(base + ["--ipc", "1", "--force"]) == 0
     assert not (out / "new000" / "class000_id001.png").exists()  # the ipc-2 images are gone
     assert json.loads((out / "config.json").read_text())["ipc"] == [1]
-    assert "--force: deleting the earlier recover run" in (out / "log.txt").read_text()
+    assert "--force: deleted the earlier recover run" in (out / "log.txt").read_text()
 
 
 def test_config_diff_compares_what_the_stage_depends_on():
@@ -158,3 +158,29 @@ def test_keys_added_since_a_config_was_written_take_their_defaults(tmp_path):
     cfg.recover.eta = 0.3
     with pytest.raises(ConfigError, match=r"recover.eta: 0.1 -> 0.3"):
         RunDir(tmp_path).start("recover", cfg)
+
+
+def test_force_never_deletes_an_input_of_the_new_run(runs, tmp_path, capsys):
+    sq = tmp_path / "sq"
+    assert main(["squeeze", "--out", str(sq)] + TINY) == 0
+    teacher = sq / "teacher.safetensors"
+    before = teacher.read_bytes()
+    _fails(["recover", "--teacher", str(teacher), "--loss", "none", "--out", str(sq), "--force"] + TINY,
+           capsys, f"--force would delete {teacher}", "an input of this run", "choose another --out")
+    assert teacher.read_bytes() == before
+    assert json.loads((sq / "run.json").read_text())["stage"] == "squeeze"  # nothing was claimed
+
+
+def test_force_deletes_only_the_files_the_earlier_stage_wrote(runs, tmp_path, capsys):
+    out = tmp_path / "st"
+    argv = ["stats", "--from", str(runs["sq"]), "--out", str(out), "--quiet"]
+    assert main(argv) == 0
+    mine = [out / "checkpoints" / "notes.txt", out / "recover" / "x.png", out / "batches" / "keep.safetensors",
+            out / "new000" / "mine.txt", out / "show" / "plot.png", out / "ipc1_seed0" / "a.txt", out / "mine.txt"]
+    for path in mine:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("user data")
+    assert main(argv + ["--force"]) == 0
+    assert all(p.read_text() == "user data" for p in mine)
+    assert (out / "stats.safetensors").is_file()
+    assert "--force: deleted the earlier stats run" in (out / "log.txt").read_text()

@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
+import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -36,11 +37,23 @@ STAGE_KEYS = {
     "recover": ("data", "model", "recover", "ipc", "seeds"),
     "evaluate": ("data", "model", "evaluate", "seeds"),
 }
-# What the stages write into a run directory; ``force`` deletes these and nothing else.
-WRITTEN = ("config.json", "results.json", RUN_FILE, "summary.json", "checkpoints", "batches", "show",
-           "distilled.safetensors", "teacher.safetensors", "stats.safetensors", "squeeze", "stats", "recover",
-           "evaluate")
-WRITTEN_GLOBS = ("new[0-9][0-9][0-9]", "ipc*_seed*")
+# What each stage writes into its run directory, as regular expressions over paths relative
+# to it; ``force`` deletes the files of the earlier stage that match (and their temporaries)
+# and nothing else. ``show`` pictures and log.txt stay.
+_CLAIM = r"(?:config|results|run)\.json"
+_SET = (r"(?:distilled\.safetensors|new\d{3}/class\d{3}_id\d{3}\.(?:png|jpg)|batches/ipc\d{3}_batch\d{4}\.safetensors"
+        r"|checkpoints/recover_rank\d+\.safetensors)")
+STAGE_FILES = {
+    "squeeze": r"teacher\.safetensors|checkpoints/squeeze\.pt",
+    "stats": r"stats\.safetensors|checkpoints/stats\.safetensors",
+    "recover": rf"(?:ipc\d+_seed\d+/)?{_SET}",
+    "evaluate": r"checkpoints/evaluate/(?:teacher\.json|set\d{3}\.(?:json|pt))",
+}
+STAGE_FILES["distill"] = "summary\\.json|" + "|".join(
+    rf"{folder}/(?:{_CLAIM}|{STAGE_FILES[stage]})"
+    for folder, stage in (("squeeze", "squeeze"), ("stats", "stats"), ("recover/[^/]+", "recover"),
+                          ("evaluate", "evaluate")))
+TEMPORARY = re.compile(r"\.(.+)\.[a-z0-9_]+\.tmp")  # atomic_write's temporary file of .../NAME
 HASH_LIMIT = 2**30  # input files up to this size are fingerprinted by content, larger ones by size and mtime
 
 
@@ -146,16 +159,35 @@ class RunDir:
         except json.JSONDecodeError as exc:
             raise ConfigError(f"{file} is not valid JSON ({exc}); rerun with --force to start over") from None
 
-    def clear(self) -> None:
-        """Delete what unidd-fast stages write here (``WRITTEN``); other files and log.txt stay."""
+    def written(self, stage: str) -> list[Path]:
+        """Files here that ``stage`` writes (``STAGE_FILES``), and temporaries of them."""
+        pattern = re.compile(rf"(?:{_CLAIM}|{STAGE_FILES.get(stage, '(?!)')})")
+        found = []
+        for folder, _, names in os.walk(self.path):
+            rel = Path(folder).relative_to(self.path)
+            for name in names:
+                temporary = TEMPORARY.fullmatch(name)
+                if pattern.fullmatch((rel / (temporary.group(1) if temporary else name)).as_posix()):
+                    found.append(Path(folder) / name)
+        return found
+
+    def clear(self, stage: str, inputs: list[Path]) -> None:
+        """Delete what ``stage`` wrote here (``written``) and the folders that leaves empty;
+        refuse (ConfigError) if one of those files is, or lies in, an input of the new run."""
+        doomed = self.written(stage)
+        for path in doomed:
+            hit = next((i for i in inputs if path == i or i in path.parents), None)
+            if hit is not None:
+                raise ConfigError(f"--force would delete {path}, an input of this run ({hit}): choose another "
+                                  f"--out, or move the input out of {self.path}")
         if not self.main:
             return
-        doomed = [self.path / name for name in WRITTEN] + [p for g in WRITTEN_GLOBS for p in self.path.glob(g)]
         for path in doomed:
-            if path.is_dir() and not path.is_symlink():
-                shutil.rmtree(path)
-            elif path.exists() or path.is_symlink():
-                path.unlink()
+            path.unlink(missing_ok=True)
+        for folder in sorted({p.parent for p in doomed}, key=lambda p: len(p.parts), reverse=True):
+            while folder != self.path and folder.is_dir() and not any(folder.iterdir()):
+                folder.rmdir()
+                folder = folder.parent
 
     def start(self, stage: str, cfg: Config, inputs: dict | None = None) -> dict | None:
         """Claim this directory for ``stage`` with ``cfg`` and the input files ``inputs``
@@ -169,9 +201,9 @@ class RunDir:
                   for name, value in (inputs or {}).items() if value is not None}
         before = self._read(RUN_FILE)
         if before is not None and self.force:
-            self.log(f"{stage}: --force: deleting the earlier {before.get('stage')} run in {self.path}")
             distributed.barrier()  # every rank has read run.json before rank 0 deletes it
-            self.clear()
+            self.clear(str(before.get("stage")), _input_paths(inputs, cfg))
+            self.log(f"{stage}: --force: deleted the earlier {before.get('stage')} run in {self.path}")
             before = None
         if before is not None:
             self._refuse_a_different_run(before, stage, cfg, prints)
@@ -211,6 +243,14 @@ class RunDir:
         if self.main:
             run = self._read(RUN_FILE) or {}
             write_json(self.path / RUN_FILE, dict(run, finished=True))
+
+
+def _input_paths(inputs: dict | None, cfg: Config) -> list[Path]:
+    """Absolute paths of a run's input files and folders, its dataset's included."""
+    values = [cfg.data.data] if cfg.data.data else []
+    for value in (inputs or {}).values():
+        values += value if isinstance(value, (list, tuple)) else [value]
+    return [Path(v).expanduser().resolve() for v in values if v]
 
 
 def _describe_change(old, new) -> str:
