@@ -69,3 +69,17 @@ def test_sigkill_mid_run_then_resume_is_bit_identical(stats_run, tmp_path):
     for png in sorted(clean.glob("new*/*.png")):
         assert (out / png.relative_to(clean)).read_bytes() == png.read_bytes(), png.name
     assert json.loads((out / "results.json").read_text())["sets"][0]["ipc"] == 2
+
+
+def test_a_checkpoint_left_beside_a_finished_set_is_removed_by_the_rerun(stats_run, tmp_path):
+    out = tmp_path / "finished"
+    argv = ["recover", "--from", str(stats_run), "--out", str(out), "--ipc", "1", "--seeds", "0", "--iterations", "2",
+            "--quiet"]
+    assert main(argv) == 0
+    # as if killed between writing distilled.safetensors and removing the checkpoint
+    RecoverCheckpoint(out / "checkpoints").save(2, {}, 0)
+    run = json.loads((out / "run.json").read_text())
+    (out / "run.json").write_text(json.dumps(dict(run, finished=False)))
+    assert main(argv) == 0
+    assert not (out / "checkpoints").exists()
+    assert "already finished" in (out / "log.txt").read_text()

@@ -241,10 +241,12 @@ def recover_one(cfg: Config, data: Data, model: nn.Module, stats: RealStats | No
     record = {"method": method, "ipc": ipc, "seed": seed, "path": str(Path(root) / DISTILLED_FILE)}
     say = log or (lambda message: None)
     name = f"recover {method} ipc={ipc} seed={seed}"
+    here = distributed.info()
+    checkpoint = RecoverCheckpoint(Path(root) / "checkpoints", here.rank, here.world_size)
     if (Path(root) / DISTILLED_FILE).is_file():
+        checkpoint.remove()  # left by a kill between writing the set and removing it
         say(f"{name}: already finished")
         return record
-    here = distributed.info()
     plan = plan_class_batches(data.num_classes, ipc, rc.batch_size)
     if init_kind(rc) == "real":
         picks = pick_real(data.train_labels, data.num_classes, ipc, make_generator(torch.device("cpu"), seed))
@@ -257,7 +259,6 @@ def recover_one(cfg: Config, data: Data, model: nn.Module, stats: RealStats | No
             return torch.randn(len(cb.classes), data.channels, data.image_size, data.image_size, generator=noise)
 
     writer = SetWriter(root, data.mean, data.std, rc.image_format)
-    checkpoint = RecoverCheckpoint(Path(root) / "checkpoints", here.rank, here.world_size)
     regularizer = make_regularizer(rc, model, stats)
     try:
         done, state, step = _resume(checkpoint, regularizer, writer, plan, device, name, say)
