@@ -184,3 +184,32 @@ def test_force_deletes_only_the_files_the_earlier_stage_wrote(runs, tmp_path, ca
     assert all(p.read_text() == "user data" for p in mine)
     assert (out / "stats.safetensors").is_file()
     assert "--force: deleted the earlier stats run" in (out / "log.txt").read_text()
+
+
+def _replace_image(path):
+    """Another image under the same name (other pixels, other size and mtime)."""
+    from PIL import Image
+
+    Image.new("RGB", (9, 9), (255, 0, 0)).save(path, format="PNG")
+
+
+def test_folder_inputs_with_replaced_images_are_not_reported_as_finished(runs, tmp_path, capsys):
+    data = write_image_folders(tmp_path / "data", per_class=2, size=8)
+    squeeze = ["squeeze", "--dataset", "folder", "--data", str(data), "--out", str(tmp_path / "sq"), "--arch",
+               "convnet"] + TINY
+    assert main(squeeze) == 0
+    _replace_image(data / "train" / "cat" / "0.png")
+    _fails(squeeze, capsys, "input data:", f"{data} (its contents changed)", "--force")
+
+    recover = tmp_path / "rc"
+    assert main(["recover", "--from", str(runs["st"]), "--out", str(recover), "--loss", "none", "--ipc", "1",
+                 "--seeds", "0", "--quiet"]) == 0
+    images = tmp_path / "images"
+    for png in recover.glob("new*/*.png"):  # the set as a plain image folder
+        (images / png.parent.name).mkdir(parents=True, exist_ok=True)
+        (images / png.parent.name / png.name).write_bytes(png.read_bytes())
+    evaluate = ["evaluate", "--teacher", str(runs["sq"] / "teacher.safetensors"), "--distilled", str(images),
+                "--out", str(tmp_path / "ev"), "--seeds", "0", "--set", "evaluate.epochs=1"] + TINY
+    assert main(evaluate) == 0
+    _replace_image(images / "new001" / "class001_id000.png")
+    _fails(evaluate, capsys, "input distilled:", f"{images} (its contents changed)")

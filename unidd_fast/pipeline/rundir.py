@@ -93,9 +93,12 @@ def config_diff(old: dict, new: dict, stage: str) -> list[str]:
 
 
 def fingerprint(path) -> dict:
-    """What identifies an input file: its absolute path and content hash (size and mtime for
-    files over HASH_LIMIT; the path alone for a directory)."""
+    """What identifies an input file or folder: its absolute path and content hash (size and
+    mtime for files over HASH_LIMIT); for a folder (an ImageFolder dataset or distilled set)
+    a hash of the names, sizes and modification times of every file under it."""
     path = Path(path).expanduser().resolve()
+    if path.is_dir():
+        return {"path": str(path), **tree_fingerprint(path)}
     if not path.is_file():
         return {"path": str(path)}
     size = path.stat().st_size
@@ -106,6 +109,23 @@ def fingerprint(path) -> dict:
         for block in iter(lambda: handle.read(1 << 22), b""):
             digest.update(block)
     return {"path": str(path), "sha256": digest.hexdigest()}
+
+
+def tree_fingerprint(folder: Path) -> dict:
+    """{"files": count, "tree": sha256 of every file's relative path, size and mtime} under
+    ``folder`` (following symbolic links, as ImageFolder does); one stat per file, no reads."""
+    digest, count = hashlib.sha256(), 0
+    for root, dirs, names in os.walk(folder, followlinks=True):
+        dirs.sort()
+        for name in sorted(names):
+            file = Path(root) / name
+            try:
+                st = file.stat()
+            except OSError:
+                continue  # a dangling link: no image either
+            digest.update(f"{file.relative_to(folder).as_posix()}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+            count += 1
+    return {"files": count, "tree": digest.hexdigest()}
 
 
 def _show(value) -> str:
@@ -197,6 +217,8 @@ class RunDir:
         Raises ConfigError naming the differing keys if the directory holds another stage,
         configuration or input file, unless ``force`` (then it starts over)."""
         validate(cfg)
+        if cfg.data.data and cfg.data.dataset != "digits":
+            inputs = dict(inputs or {}, data=cfg.data.data)
         prints = {name: ([fingerprint(p) for p in value] if isinstance(value, (list, tuple)) else fingerprint(value))
                   for name, value in (inputs or {}).items() if value is not None}
         before = self._read(RUN_FILE)
