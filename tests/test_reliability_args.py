@@ -108,7 +108,8 @@ def test_run_directory_refuses_other_configurations_and_force_starts_over(runs, 
     assert "threads" not in err
     other_teacher = runs["root"] / "sq2"
     assert main(["squeeze", "--out", str(other_teacher), "--set", "seeds=1"] + TINY) == 0
-    _fails(base + ["--ipc", "2", "--teacher", str(other_teacher / "teacher.safetensors")], capsys,
+    _fails(base + ["--ipc", "2", "--teacher", str(other_teacher / "teacher.safetensors"), "--allow-stats-mismatch"],
+           capsys,
            "input teacher:", "sq/teacher.safetensors -> ", "sq2/teacher.safetensors")
     _fails(["stats", "--from", str(runs["sq"]), "--out", str(out), "--quiet"], capsys,
            "holds a `recover` run, not `stats`")
@@ -213,3 +214,17 @@ def test_folder_inputs_with_replaced_images_are_not_reported_as_finished(runs, t
     assert main(evaluate) == 0
     _replace_image(images / "new001" / "class001_id000.png")
     _fails(evaluate, capsys, "input distilled:", f"{images} (its contents changed)")
+
+
+def test_statistics_of_another_teacher_or_dataset_are_refused(runs, tmp_path, capsys):
+    other = tmp_path / "sq_other"
+    assert main(["squeeze", "--out", str(other), "--set", "seeds=1"] + TINY) == 0
+    mine, theirs = runs["sq"] / "teacher.safetensors", other / "teacher.safetensors"
+    base = ["recover", "--stats", str(runs["st"] / "stats.safetensors"), "--ipc", "1", "--seeds", "0",
+            "--iterations", "1"] + TINY
+    _fails(base + ["--teacher", str(theirs), "--out", str(tmp_path / "a")], capsys,
+           "was collected with the teacher", str(mine), f"not with {theirs}", "--allow-stats-mismatch")
+    _fails(base + ["--teacher", str(mine), "--set", "data.split_seed=1", "--out", str(tmp_path / "b")], capsys,
+           "was collected on other data than this run reads", "data.split_seed: 0 -> 1")
+    assert not any((tmp_path / n / "run.json").exists() for n in "ab")
+    assert main(base + ["--teacher", str(theirs), "--allow-stats-mismatch", "--out", str(tmp_path / "c")]) == 0

@@ -66,6 +66,9 @@ def _stage_parser(sub, name: str):
     p.add_argument("--teacher-checkpoint", metavar="FILE",
                    help="squeeze: start from this torch state dict (weights_only load); trains 0 epochs "
                         "unless --set squeeze.epochs=N")
+    if name == "recover":
+        p.add_argument("--allow-stats-mismatch", action="store_true",
+                       help="use --stats although they were collected with another teacher or on other data")
     if name == "evaluate":
         p.add_argument("--distilled", action="append", metavar="PATH",
                        help="a distilled set: distilled.safetensors, its directory, or an ImageFolder of "
@@ -209,7 +212,7 @@ def _run(command: str, cfg, out, inputs: dict, args) -> None:
     elif command == "stats":
         stats.run(cfg, out, inputs["teacher"])
     elif command == "recover":
-        recover.run(cfg, out, inputs["teacher"], inputs["stats"])
+        recover.run(cfg, out, inputs["teacher"], inputs["stats"], args.allow_stats_mismatch)
     else:
         results = evaluate.run(cfg, out, inputs["teacher"], inputs["sets"])
         if out.main:

@@ -123,7 +123,8 @@ class MomentAccumulator:
         )
 
 
-def _checksum(tensors: dict[str, torch.Tensor]) -> str:
+def checksum(tensors: dict[str, torch.Tensor]) -> str:
+    """sha256 of the tensors' names and bytes, in name order."""
     digest = hashlib.sha256()
     for key in sorted(tensors):
         digest.update(key.encode())
@@ -148,15 +149,18 @@ def atomic_write(path: Path, write) -> None:
 
 class RealStats:
     """Real-data statistics of every site of one model, with the provenance needed to refuse
-    a mismatched use: model class, ordered site names, feature shapes, image and class counts."""
+    a mismatched use: model class, ordered site names, feature shapes, image and class counts;
+    ``provenance`` ({"teacher": {"path", "sha256"}, "dataset": {...}}, written by `unidd-fast
+    stats`) names the teacher weights and the data they were collected with."""
 
     def __init__(self, sites: dict[str, SiteStats], shapes: dict[str, tuple], model_class: str,
-                 num_images: int, num_classes: int):
+                 num_images: int, num_classes: int, provenance: dict | None = None):
         self._sites = dict(sites)
         self.shapes = {k: tuple(v) for k, v in shapes.items()}
         self.model_class = model_class
         self.num_images = int(num_images)
         self.num_classes = int(num_classes)
+        self.provenance = dict(provenance or {})
 
     @property
     def sites(self) -> list[str]:
@@ -207,7 +211,8 @@ class RealStats:
             "counts": {n: s.count for n, s in self._sites.items()},
             "num_images": self.num_images,
             "num_classes": self.num_classes,
-            "sha256": _checksum(tensors),
+            "provenance": self.provenance,
+            "sha256": checksum(tensors),
         }
         atomic_write(Path(path), lambda tmp: save_file(tensors, tmp, metadata={"unidd": json.dumps(meta)}))
 
@@ -232,14 +237,15 @@ class RealStats:
         meta = json.loads(raw)
         if meta.get("format") != FORMAT:
             raise StatsFileError(f"{path} has format {meta.get('format')!r}, expected {FORMAT!r}")
-        if _checksum(tensors) != meta["sha256"]:
+        if checksum(tensors) != meta["sha256"]:
             raise StatsFileError(f"{path} fails its checksum (corrupted); recreate it with `unidd-fast stats`")
         sites = {
             n: SiteStats(*(tensors[f"{n}/{f}"].to(device) for f in ("psi", "mu", "phi", "phi_soft")),
                          count=meta["counts"][n])
             for n in meta["sites"]
         }
-        return cls(sites, meta["shapes"], meta["model_class"], meta["num_images"], meta["num_classes"])
+        return cls(sites, meta["shapes"], meta["model_class"], meta["num_images"], meta["num_classes"],
+                   meta.get("provenance"))
 
 
 # --- exact merges across torchrun ranks ---------------------------------------------------

@@ -6,7 +6,7 @@ import os
 import tempfile
 from pathlib import Path
 
-from ..errors import ConfigError
+from ..errors import ConfigError, StatsMismatchError
 
 
 def check_writable(path) -> None:
@@ -58,3 +58,27 @@ def check_stats(stats, data) -> None:
     if stats.num_classes != data.num_classes:
         raise ConfigError(f"the statistics file has {stats.num_classes} classes but the dataset {data.name} has "
                           f"{data.num_classes}: run `unidd-fast stats` with this dataset's teacher")
+
+
+def check_provenance(stats, stats_path, teacher_path, teacher_sha256: str, dataset: dict) -> None:
+    """The statistics were collected with this teacher's weights and on this data, as the
+    file records (``RealStats.provenance``, see ``datasets.dataset_fingerprint``)."""
+    from .rundir import describe_change
+
+    fix = ("collect statistics with this teacher and data (`unidd-fast stats`), or pass --allow-stats-mismatch "
+           "to use them anyway")
+    teacher, recorded = stats.provenance.get("teacher"), stats.provenance.get("dataset")
+    if teacher is None or recorded is None:
+        raise StatsMismatchError(f"{stats_path} does not record the teacher and data it was collected with "
+                                 f"(written by another tool or an older unidd-fast): {fix}")
+    if teacher.get("sha256") != teacher_sha256:
+        raise StatsMismatchError(
+            f"{stats_path} was collected with the teacher {teacher.get('path')} (weights sha256 "
+            f"{str(teacher.get('sha256'))[:12]}…), not with {Path(teacher_path).resolve()} (weights sha256 "
+            f"{teacher_sha256[:12]}…): {fix}")
+    changes = [f"data.{key}: " + (describe_change(recorded.get(key), dataset.get(key)) if key == "data" else
+                                  f"{recorded.get(key)} -> {dataset.get(key)}")
+               for key in sorted(set(recorded) | set(dataset)) if recorded.get(key) != dataset.get(key)]
+    if changes:
+        raise StatsMismatchError(f"{stats_path} was collected on other data than this run reads "
+                                 f"({'; '.join(changes)}): {fix}")

@@ -421,6 +421,16 @@ def load_data(cfg) -> Data:
     return READERS[cfg.dataset](cfg)
 
 
+def dataset_fingerprint(cfg: DataConfig) -> dict:
+    """What identifies the images a stage reads: the dataset, its root folder (names, sizes
+    and modification times of its files) and the settings that shape the images."""
+    from .rundir import fingerprint
+
+    return {"dataset": cfg.dataset, "data": fingerprint(cfg.data) if cfg.data and cfg.dataset != "digits" else None,
+            "image_size": cfg.image_size, "channels": cfg.channels, "mean": list(cfg.mean), "std": list(cfg.std),
+            "resize_ratio": cfg.resize_ratio, "test_size": cfg.test_size, "split_seed": cfg.split_seed}
+
+
 def prepare_data(cfg) -> Data:
     """Load ``cfg.data`` and record the normalisation actually used back into it (digits
     computes its mean/std from the train split), so config.json states it."""

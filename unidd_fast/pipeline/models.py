@@ -21,7 +21,7 @@ from torch import nn
 from torchvision import models as tvm
 
 from ..errors import ConfigError
-from ..real_stats import atomic_write
+from ..real_stats import atomic_write, checksum
 from .config import ARCHS
 
 TEACHER_FORMAT = "unidd_fast.teacher/1"
@@ -78,6 +78,11 @@ def save_teacher(path, model: nn.Module, spec: dict, extra: dict | None = None) 
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     meta = {"format": TEACHER_FORMAT, "spec": json.dumps(spec), "extra": json.dumps(extra or {})}
     atomic_write(Path(path), lambda tmp: save_file(tensors, tmp, metadata=meta))
+
+
+def weights_sha256(model: nn.Module) -> str:
+    """sha256 of the model's state dict (names and bytes of every tensor, in name order)."""
+    return checksum({k: v.detach() for k, v in model.state_dict().items()})
 
 
 def load_teacher(path, device="cpu") -> tuple[nn.Module, dict]:

@@ -37,10 +37,10 @@ from ..real_stats import RealStats, atomic_write
 from ..regularizer import Regularizer
 from .augment import Augment, make_augment
 from .checkpoint import RecoverCheckpoint
-from .checks import check_stats, check_teacher
+from .checks import check_provenance, check_stats, check_teacher
 from .config import Config, RecoverConfig
-from .datasets import Data, prepare_data
-from .models import load_teacher
+from .datasets import Data, dataset_fingerprint, prepare_data
+from .models import load_teacher, weights_sha256
 from .rundir import RunDir
 from .step import RecoverEngine, recover_step, resolve_options  # noqa: F401 (recover_step: public here too)
 from .train import make_generator, setup_device
@@ -327,10 +327,11 @@ def _resume(checkpoint: RecoverCheckpoint, regularizer, writer: SetWriter, plan:
     return done, state or {}, step
 
 
-def run(cfg: Config, out: RunDir, teacher_path, stats_path=None) -> dict:
+def run(cfg: Config, out: RunDir, teacher_path, stats_path=None, allow_stats_mismatch: bool = False) -> dict:
     """Recover a distilled set per (ipc, seed) of the config. With one ipc and one seed the
     set is written into ``out`` itself, otherwise into ``out/ipc{ipc}_seed{seed}``.
-    Rerun into the same ``out``, it resumes (see ``recover_one``)."""
+    Rerun into the same ``out``, it resumes (see ``recover_one``). The statistics must have
+    been collected with this teacher and data unless ``allow_stats_mismatch``."""
     device = setup_device(cfg)
     data = prepare_data(cfg)
     if cfg.recover.loss == "cfm" and not stats_path:
@@ -342,6 +343,8 @@ def run(cfg: Config, out: RunDir, teacher_path, stats_path=None) -> dict:
     if cfg.recover.loss == "cfm":
         stats = RealStats.load(stats_path, device)
         check_stats(stats, data)
+        if not allow_stats_mismatch:
+            check_provenance(stats, stats_path, teacher_path, weights_sha256(model), dataset_fingerprint(cfg.data))
     inputs = {"teacher": teacher_path, "stats": stats_path if cfg.recover.loss == "cfm" else None}
     if (done := out.start("recover", cfg, inputs)) is not None:
         return done

@@ -254,7 +254,7 @@ class RunDir:
         old_inputs = before.get("inputs", {})
         for name in sorted(set(old_inputs) | set(prints)):
             if old_inputs.get(name) != prints.get(name):
-                changes.append(f"input {name}: {_describe_change(old_inputs.get(name), prints.get(name))}")
+                changes.append(f"input {name}: {describe_change(old_inputs.get(name), prints.get(name))}")
         if changes:
             raise ConfigError(f"{self.path} holds a `{stage}` run with a different configuration "
                               f"({'; '.join(changes)}): {hint}")
@@ -275,7 +275,7 @@ def _input_paths(inputs: dict | None, cfg: Config) -> list[Path]:
     return [Path(v).expanduser().resolve() for v in values if v]
 
 
-def _describe_change(old, new) -> str:
+def describe_change(old, new) -> str:
     """"a.safetensors -> b.safetensors", or "a.safetensors (its contents changed)"."""
     def paths(value):
         return [p["path"] for p in (value if isinstance(value, list) else [value])] if value else []

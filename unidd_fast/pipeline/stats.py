@@ -22,8 +22,8 @@ from ..errors import ConfigError
 from ..real_stats import MomentAccumulator, RealStats, atomic_write, collect_real_stats
 from .checks import check_teacher
 from .config import Config
-from .datasets import prepare_data
-from .models import load_teacher
+from .datasets import dataset_fingerprint, prepare_data
+from .models import load_teacher, weights_sha256
 from .rundir import RunDir
 from .train import setup_device
 
@@ -89,8 +89,10 @@ def run(cfg: Config, out: RunDir, teacher_path, batch_size: int = 256, chunk_bat
         position = start + len(part)
         if here.is_main and position < len(data.train):
             save_progress(progress_file, acc, shapes, position, num_images, model_class)
+    provenance = {"teacher": {"path": str(Path(teacher_path).resolve()), "sha256": weights_sha256(teacher)},
+                  "dataset": dataset_fingerprint(cfg.data)}
     stats = RealStats({n: a.finalize(num_images) for n, a in acc.items()}, shapes, model_class, num_images,
-                      data.num_classes)
+                      data.num_classes, provenance)
     path = out.path / "stats.safetensors"
     if here.is_main:
         stats.save(path)
