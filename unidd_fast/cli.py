@@ -167,6 +167,7 @@ def run_stage(args) -> int:
     try:
         _run(command, cfg, out, inputs, args)
     finally:
+        out.unlock()
         distributed.shutdown()
     if here.is_main:
         print(f"wrote {out.path}", flush=True)

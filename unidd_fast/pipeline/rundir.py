@@ -12,10 +12,13 @@ Under torchrun every rank checks, only rank 0 writes.
 """
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
 import re
+import shlex
+import socket
 import sys
 import time
 from pathlib import Path
@@ -27,6 +30,8 @@ from .config import Config, validate
 from .config import from_dict as config_from_dict
 
 RUN_FILE = "run.json"
+LOCK_FILE = ".unidd-lock"  # flock()ed by the process running a stage here; says who it is
+_LOCKS: dict[Path, object] = {}  # run directories this process holds: {path: open lock file}
 # Keys that change how a stage runs, not what it computes: resuming with other values is fine.
 RUNTIME_KEYS = frozenset({"device", "threads", "checkpoint_every", "data.workers", "recover.backend",
                           "recover.cuda_graphs", "recover.compile"})
@@ -156,6 +161,34 @@ class RunDir:
         elif echo and not self.quiet:
             print(message, file=sys.stderr, flush=True)
 
+    def lock(self) -> None:
+        """Hold an exclusive lock on this directory (``flock`` of LOCK_FILE) until ``unlock``
+        or the process ends, however it ends. ConfigError naming the holder (pid, host,
+        command) if another process holds it. Rank 0 locks for all ranks; re-entrant."""
+        if not self.main or self.path in _LOCKS:
+            return
+        self.path.mkdir(parents=True, exist_ok=True)
+        handle = open(self.path / LOCK_FILE, "a+")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "it has not said who it is yet"
+            handle.close()
+            raise ConfigError(f"--out {self.path} is in use by another run ({holder}): wait for it to finish, "
+                              "or choose another --out") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}: "
+                     f"{shlex.join(sys.argv)}\n")
+        handle.flush()
+        _LOCKS[self.path] = handle
+
+    def unlock(self) -> None:
+        handle = _LOCKS.pop(self.path, None)
+        if handle is not None:
+            handle.close()  # releases the flock
+
     def write_config(self, cfg: Config) -> None:
         if self.main:
             cfg.write(self.path / "config.json")
@@ -219,6 +252,8 @@ class RunDir:
         validate(cfg)
         if cfg.data.data and cfg.data.dataset != "digits":
             inputs = dict(inputs or {}, data=cfg.data.data)
+        if self.parent is None:
+            self.lock()
         prints = {name: ([fingerprint(p) for p in value] if isinstance(value, (list, tuple)) else fingerprint(value))
                   for name, value in (inputs or {}).items() if value is not None}
         before = self._read(RUN_FILE)
