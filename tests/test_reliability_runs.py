@@ -33,3 +33,38 @@ def test_a_second_run_into_a_locked_out_is_refused_naming_the_holder(tmp_path, c
     assert main(["squeeze", "--out", str(out)] + TINY) == 0
     assert json.loads((out / "run.json").read_text())["finished"]
     assert main(["squeeze", "--out", str(out)] + TINY) == 0  # a finished run in this process released it too
+
+
+def _claimed(out) -> list[str]:
+    return sorted(p.name for p in out.rglob("*") if p.name in ("config.json", "run.json"))
+
+
+def test_the_run_directory_is_claimed_only_after_every_check(tmp_path, capsys):
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"not a checkpoint")
+    too_many = ["--ipc", "1000", "--seeds", "0"]  # digits has ~135 training images per class
+    sq = tmp_path / "sq"
+    assert main(["squeeze", "--out", str(sq)] + TINY) == 0
+    cases = [["squeeze", "--teacher-checkpoint", str(garbage)] + TINY,
+             ["recover", "--teacher", str(sq / "teacher.safetensors"), "--loss", "none"] + too_many + TINY,
+             ["distill", "--teacher-checkpoint", str(garbage)] + TINY,
+             ["distill"] + too_many + TINY]
+    for i, argv in enumerate(cases):
+        out = tmp_path / f"run{i}"
+        assert main(argv[:1] + ["--out", str(out)] + argv[1:]) == 2, argv
+        err = capsys.readouterr().err
+        assert "garbage.pt" in err or "fewer than ipc=1000" in err, err
+        assert _claimed(out) == [], (argv, _claimed(out))
+
+
+def test_a_refused_distill_rerun_leaves_the_run_as_it_was(tmp_path, capsys):
+    out = tmp_path / "distill"
+    argv = ["distill", "--out", str(out), "--ipc", "1", "--seeds", "0", "--iterations", "1", "--set",
+            "evaluate.epochs=1"] + TINY
+    assert main(argv) == 0
+    config = (out / "config.json").read_text()
+    assert main(argv + ["--set", "recover.lr=0.5"]) == 2
+    assert "recover.lr: 0.25 -> 0.5" in capsys.readouterr().err
+    assert (out / "config.json").read_text() == config
+    assert main(argv) == 0  # finished: nothing to do
+    assert "already finished" in (out / "log.txt").read_text()

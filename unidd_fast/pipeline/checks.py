@@ -6,6 +6,8 @@ import os
 import tempfile
 from pathlib import Path
 
+import torch
+
 from ..errors import ConfigError, StatsMismatchError
 
 
@@ -82,3 +84,12 @@ def check_provenance(stats, stats_path, teacher_path, teacher_sha256: str, datas
     if changes:
         raise StatsMismatchError(f"{stats_path} was collected on other data than this run reads "
                                  f"({'; '.join(changes)}): {fix}")
+
+
+def check_ipc(data, ipc: list[int]) -> None:
+    """Every class has at least max(ipc) training images (to initialise from real ones)."""
+    counts = torch.bincount(data.train_labels, minlength=data.num_classes)
+    c = int(counts.argmin())
+    if int(counts[c]) < max(ipc):
+        raise ConfigError(f"class {c} ({data.classes[c]}) has {int(counts[c])} training images, fewer than "
+                          f"ipc={max(ipc)}: lower --ipc, or initialise from noise with --set recover.init=noise")

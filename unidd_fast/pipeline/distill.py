@@ -12,7 +12,9 @@ import sys
 import time
 
 from . import evaluate, recover, squeeze, stats
+from .checks import check_ipc
 from .config import Config
+from .datasets import prepare_data
 from .rundir import RunDir, write_json
 
 BASELINES = ("sre2l", "none")  # SRe2L (BN matching from noise) and a random real subset
@@ -40,7 +42,16 @@ def starts(cfg: Config) -> dict[str, str]:
 
 
 def run(cfg: Config, out: RunDir, teacher_checkpoint=None, print_table: bool = True) -> dict:
-    out.write_config(cfg)
+    """Every stage into ``out``'s sub-folders; the checks of every stage that need no
+    earlier stage's output (data, teacher checkpoint, ipc) run before ``out`` is claimed."""
+    data = prepare_data(cfg)
+    squeeze.initial_teacher(cfg, data, teacher_checkpoint)
+    check_ipc(data, cfg.ipc)  # the random-real baseline starts from real images
+    inputs = {"teacher_checkpoint": teacher_checkpoint} if teacher_checkpoint else {}
+    if (done := out.start("distill", cfg, inputs)) is not None:
+        if print_table:
+            print(evaluate.summary_table(done["results"], done["teacher_accuracy"]), flush=True)
+        return done
     teacher = squeeze.run(cfg, out.child("squeeze"), teacher_checkpoint)["artifacts"]["teacher"]
     stats_path = None
     if cfg.recover.loss == "cfm":
@@ -57,9 +68,9 @@ def run(cfg: Config, out: RunDir, teacher_checkpoint=None, print_table: bool = T
     artifacts = {"teacher": teacher, "distilled": sets}
     if stats_path:
         artifacts["stats"] = stats_path
-    out.write_results(dict(summary, artifacts=artifacts))
     summary = dict(summary, seconds=round(time.perf_counter() - out.started, 1))
     write_json(out.path / "summary.json", summary)
+    out.finish(dict(summary, artifacts=artifacts))
     if print_table:
         print(table, file=sys.stdout, flush=True)
         print(f"({summary['seconds']:.0f} s; summary in {out.path / 'summary.json'})", flush=True)

@@ -37,7 +37,7 @@ from ..real_stats import RealStats, atomic_write
 from ..regularizer import Regularizer
 from .augment import Augment, make_augment
 from .checkpoint import RecoverCheckpoint
-from .checks import check_provenance, check_stats, check_teacher
+from .checks import check_ipc, check_provenance, check_stats, check_teacher
 from .config import Config, RecoverConfig
 from .datasets import Data, dataset_fingerprint, prepare_data
 from .models import load_teacher, weights_sha256
@@ -338,6 +338,8 @@ def run(cfg: Config, out: RunDir, teacher_path, stats_path=None, allow_stats_mis
         raise ConfigError("recover --loss cfm needs real statistics: --from a stats run or --stats FILE")
     model, spec = load_teacher(teacher_path, device)
     check_teacher(spec, data)
+    if init_kind(cfg.recover) == "real":
+        check_ipc(data, cfg.ipc)
     model.requires_grad_(False)
     stats = None
     if cfg.recover.loss == "cfm":

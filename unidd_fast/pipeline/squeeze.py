@@ -46,20 +46,28 @@ def train_teacher(model, data: Data, cfg: Config, device, seed: int, log=None, c
     return loss
 
 
+def initial_teacher(cfg: Config, data: Data, teacher_checkpoint=None):
+    """(model, spec): the teacher before training, seeded with ``cfg.seeds[0]``, with the
+    weights of ``teacher_checkpoint`` if given (ConfigError if they do not fit)."""
+    spec = model_spec(cfg.model.arch, data.num_classes, data.image_size, data.channels, cfg.model.width,
+                      cfg.model.depth)
+    with seeded(cfg.seeds[0]):
+        model = build_from_spec(spec)
+    if teacher_checkpoint:
+        load_checkpoint(model, teacher_checkpoint)
+    return model, spec
+
+
 def run(cfg: Config, out: RunDir, teacher_checkpoint=None) -> dict:
     """Train (or load, with ``teacher_checkpoint``) the teacher; write ``teacher.safetensors``."""
     device = setup_device(cfg)
     data = prepare_data(cfg)
+    model, spec = initial_teacher(cfg, data, teacher_checkpoint)
     inputs = {"teacher_checkpoint": teacher_checkpoint} if teacher_checkpoint else {}
     if (done := out.start("squeeze", cfg, inputs)) is not None:
         return done
-    spec = model_spec(cfg.model.arch, data.num_classes, data.image_size, data.channels, cfg.model.width,
-                      cfg.model.depth)
     seed = cfg.seeds[0]
-    with seeded(seed):
-        model = build_from_spec(spec)
     if teacher_checkpoint:
-        load_checkpoint(model, teacher_checkpoint)
         out.log(f"squeeze: loaded {teacher_checkpoint}")
     model = model.to(device)
     out.log(f"squeeze: {cfg.model.arch} on {data.name} ({len(data.train)} train / {len(data.test)} test images, "
