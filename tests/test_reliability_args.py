@@ -42,6 +42,8 @@ BAD_VALUES = [
     (["--set", "evaluate.temperature=-1"], "evaluate.temperature=-1.0 is invalid", "temperature > 0"),
     (["--set", "recover.betas=0.5,1.5"], "recover.betas=0.5,1.5 is invalid", "[0, 1)"),
     (["--set", "data.dataset=mnist"], "data.dataset='mnist': choose one of", "digits"),
+    (["--set", "data.std=inf"], "data.std=inf is invalid: expected finite standard deviations > 0"),
+    (["--set", "data.mean=nan"], "data.mean=nan is invalid: expected finite means"),
     (["--set", "data.image_size=12", "--set", "model.depth=3"], "data.image_size=12 must be a multiple of 8",
      "model.depth"),
 ]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -315,7 +316,8 @@ RULES: dict[str, tuple] = {
     "checkpoint_every": (_non_negative, "seconds >= 0 between checkpoints (0: every epoch)"),
     "data.image_size": (_positive, "an image side >= 1 pixel"),
     "data.channels": (lambda v: v in (1, 3), "1 (grey) or 3 (RGB)"),
-    "data.std": (lambda v: all(s > 0 for s in v), "standard deviations > 0"),
+    "data.mean": (lambda v: all(math.isfinite(m) for m in v), "finite means"),
+    "data.std": (lambda v: all(math.isfinite(s) and s > 0 for s in v), "finite standard deviations > 0"),
     "data.resize_ratio": (lambda v: v >= 1, "a ratio >= 1 (resize the short side to image_size·ratio, then crop)"),
     "data.test_size": (lambda v: 0 < v < 1, "a fraction in (0, 1)"),
     "data.workers": (_non_negative, "a worker count >= 0"),
