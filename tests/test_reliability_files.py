@@ -40,3 +40,87 @@ def test_cifar_structured_dtype_with_object_pointers_is_refused(tmp_path):
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and "data_batch_1" in lines[0] and "dtype" in lines[0], done.stderr
     assert not (tmp_path / "run").exists()
+
+
+def _one_line(capsys, *messages):
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("unidd-fast "), err
+    for message in messages:
+        assert message in lines[0], err
+    return lines[0]
+
+
+def _rewrite(path, change):
+    with open(path, "rb") as handle:
+        entry = pickle.load(handle)
+    change(entry)
+    with open(path, "wb") as handle:
+        pickle.dump(entry, handle, protocol=2)
+
+
+CIFAR_DAMAGE = {
+    "bad shape": ("data_batch_2", lambda e: e.update(data=np.zeros((6, 100), np.uint8)), "(6, 100)"),
+    "label count": ("data_batch_3", lambda e: e.update(labels=e["labels"][:-1]), "5 labels for 6 images"),
+    "label_names=None": ("batches.meta", lambda e: e.update(label_names=None), "label_names"),
+    "label -1": ("test_batch", lambda e: e["labels"].__setitem__(0, -1), "label -1"),
+    "float pixels": ("data_batch_1", lambda e: e.update(data=e["data"].astype(np.float64)), "dtype 'f8'"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CIFAR_DAMAGE))
+def test_malformed_cifar_files_are_named_in_one_line(tmp_path, capsys, case):
+    from unidd_fast.cli import main
+
+    name, change, message = CIFAR_DAMAGE[case]
+    root = write_cifar(tmp_path / "data")
+    _rewrite(root / "cifar-10-batches-py" / name, change)
+    argv = ["squeeze", "--dataset", "cifar10", "--data", str(root), "--out", str(tmp_path / "run"), "--quiet",
+            "--arch", "convnet", "--set", "model.depth=1", "--set", "model.width=8", "--set", "squeeze.epochs=1"]
+    assert main(argv) == 2
+    _one_line(capsys, name, message, "re-extract")
+    assert not (tmp_path / "run").exists()
+
+
+def _bomb_png(path):
+    """A valid PNG header claiming 30000 × 30000 pixels (PIL's decompression-bomb check)."""
+    import struct
+    import zlib
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 30000, 30000, 8, 0, 0, 0, 0))
+                     + chunk(b"IEND", b""))
+
+
+def _truncated_jpeg(path):
+    from PIL import Image
+
+    pixels = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(path, format="JPEG")
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])  # the header is whole, half the scan is gone
+
+
+FOLDER_DAMAGE = {
+    "not an image": (lambda p: p.write_text("hello"), "cannot identify image file"),
+    "truncated jpeg": (_truncated_jpeg, "truncated"),
+    "decompression bomb": (_bomb_png, "decompression bomb"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(FOLDER_DAMAGE))
+def test_damaged_images_are_found_when_the_folder_is_indexed(tmp_path, capsys, case):
+    from _pipeline_data import write_image_folders
+    from unidd_fast.cli import main
+
+    damage, message = FOLDER_DAMAGE[case]
+    root = write_image_folders(tmp_path / "data", per_class=2, size=8)
+    bad = root / "val" / "dog" / ("1.jpg" if "jpeg" in case else "1.png")
+    (root / "val" / "dog" / "1.png").unlink()
+    damage(bad)
+    argv = ["squeeze", "--dataset", "folder", "--data", str(root), "--out", str(tmp_path / "run"), "--quiet",
+            "--set", "data.image_size=8", "--arch", "convnet", "--set", "model.depth=1", "--set", "squeeze.epochs=1"]
+    assert main(argv) == 2
+    _one_line(capsys, str(bad), message)
+    assert not (tmp_path / "run").exists()  # found before anything ran

@@ -22,6 +22,8 @@ import codecs
 import functools
 import math
 import pickle
+import warnings
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,6 +36,7 @@ from torchvision import datasets as tvd
 from torchvision import transforms as T
 
 from ..errors import ConfigError
+from ..progress import progress
 from . import shapes
 
 IN_PROCESS = ("digits", "shapes")  # need no --data; normalisation computed from the train split
@@ -292,6 +295,33 @@ def _read_cifar_file(path: Path, key: str = "data") -> dict:
     return entry
 
 
+def _short(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _cifar_batch(path: Path, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    """(uint8 (n, 3072) pixel rows, int64 (n,) labels in [0, num_classes)) of one CIFAR
+    batch file; ConfigError naming the file and what is wrong with it."""
+    entry = _read_cifar_file(path)
+    fix = "re-extract the CIFAR archive"
+    data = entry["data"]
+    if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
+        got = f"{data.dtype} {data.shape}" if isinstance(data, np.ndarray) else type(data).__name__
+        raise ConfigError(f"{path}: 'data' must be uint8 rows of 3072 pixels (n, 3072), got {got}; {fix}")
+    labels = entry.get("labels", entry.get("fine_labels"))
+    if isinstance(labels, list) and all(type(v) is int for v in labels):
+        labels = np.array(labels, dtype=np.int64)
+    if not isinstance(labels, np.ndarray) or labels.ndim != 1 or labels.dtype.kind not in "iu":
+        raise ConfigError(f"{path}: 'labels' / 'fine_labels' must be a list of integers, got {_short(labels)}; {fix}")
+    if len(labels) != len(data):
+        raise ConfigError(f"{path}: {len(labels)} labels for {len(data)} images; {fix}")
+    bad = labels[(labels < 0) | (labels >= num_classes)]
+    if bad.size:
+        raise ConfigError(f"{path}: label {int(bad[0])} is outside the {num_classes} classes of the meta file; {fix}")
+    return data, labels.astype(np.int64)
+
+
 def load_cifar(cfg) -> Data:
     cls = tvd.CIFAR10 if cfg.dataset == "cifar10" else tvd.CIFAR100
     root = Path(cfg.data).expanduser()
@@ -303,21 +333,23 @@ def load_cifar(cfg) -> Data:
             f"{cfg.dataset}: {folder} lacks {missing}. --data must be the directory holding {cls.base_folder}/ "
             f"with {names} (torchvision's CIFAR layout, the extracted {cls.filename}); nothing is downloaded")
 
+    meta = folder / cls.meta["filename"]
+    classes = _read_cifar_file(meta, cls.meta["key"])[cls.meta["key"]]
+    if not isinstance(classes, list) or not classes or not all(isinstance(c, str) for c in classes):
+        raise ConfigError(f"{meta}: {cls.meta['key']} must be a list of class names, got {_short(classes)}; "
+                          "re-extract the CIFAR archive")
+
     def read(split):
         data, labels = [], []
         for name, _ in split:
-            entry = _read_cifar_file(folder / name)
-            data.append(np.asarray(entry["data"], dtype=np.uint8))
-            labels += list(entry["labels"] if "labels" in entry else entry["fine_labels"])
-        images = torch.from_numpy(np.vstack(data).reshape(-1, 3, 32, 32))
-        return images, torch.tensor(labels, dtype=torch.long)
+            images, targets = _cifar_batch(folder / name, len(classes))
+            data.append(images)
+            labels.append(targets)
+        return torch.from_numpy(np.vstack(data).reshape(-1, 3, 32, 32)), torch.from_numpy(np.concatenate(labels))
 
-    classes = list(_read_cifar_file(folder / cls.meta["filename"], cls.meta["key"])[cls.meta["key"]])
     (xtr, ytr), (xte, yte) = read(cls.train_list), read(cls.test_list)
     if cfg.channels != 3:
         raise ConfigError(f"{cfg.dataset} images have 3 channels, got data.channels={cfg.channels}")
-    if int(max(ytr.max(), yte.max())) >= len(classes):
-        raise ConfigError(f"{folder}: labels exceed the {len(classes)} class names of {cls.meta['filename']}")
     size, mean, std = cfg.image_size, tuple(cfg.mean), tuple(cfg.std)
     return Data(cfg.dataset, TensorImages(xtr, ytr, mean, std, size), TensorImages(xte, yte, mean, std, size),
                 ytr, classes, size, 3, mean, std)
@@ -328,6 +360,41 @@ def load_cifar(cfg) -> Data:
 def _open_image(path: str, mode: str) -> Image.Image:
     with open(path, "rb") as handle:
         return Image.open(handle).convert(mode)
+
+
+# The last bytes of a complete file of these formats (a truncated file lacks them).
+IMAGE_ENDS = {"JPEG": b"\xff\xd9", "PNG": b"IEND"}
+VERIFY_THREADS = 8  # verification is one header and one tail read per file: I/O bound
+
+
+def verify_image(path: str) -> None:
+    """Check that ``path`` is a complete image of a sane size without decoding its pixels:
+    its header opens, it is under PIL's decompression-bomb limit and, for PNG and JPEG, its
+    end marker is there. ConfigError naming the file otherwise."""
+    fix = "remove or replace it"
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                fmt = image.format
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ConfigError(f"{path}: {exc} ({fix})") from None
+    except (OSError, ValueError, SyntaxError) as exc:
+        raise ConfigError(f"{path} is not a readable image ({exc}); {fix}") from None
+    if fmt in IMAGE_ENDS:
+        with open(path, "rb") as handle:
+            handle.seek(0, 2)
+            handle.seek(max(0, handle.tell() - 1024))
+            if IMAGE_ENDS[fmt] not in handle.read():
+                raise ConfigError(f"{path} is truncated (the {fmt} end marker is missing); {fix}")
+
+
+def verify_images(paths: list[str], desc: str = "verify images") -> None:
+    """``verify_image`` on every path (a few threads), so a damaged file stops the run when
+    the dataset is indexed, not in the middle of training."""
+    with ThreadPoolExecutor(VERIFY_THREADS) as pool:
+        for _ in progress(pool.map(verify_image, paths), total=len(paths), desc=desc):
+            pass
 
 
 def image_loader(channels: int):
@@ -345,9 +412,11 @@ def _image_folder(path: Path, cfg, what: str) -> tvd.ImageFolder:
     if not path.is_dir():
         raise ConfigError(f"{cfg.dataset}: {path} does not exist; expected {what}")
     try:
-        return tvd.ImageFolder(str(path), transform=eval_transform(cfg), loader=image_loader(cfg.channels))
+        folder = tvd.ImageFolder(str(path), transform=eval_transform(cfg), loader=image_loader(cfg.channels))
     except FileNotFoundError as exc:
         raise ConfigError(f"{cfg.dataset}: {path} has no class folders with images ({exc}); expected {what}") from None
+    verify_images([p for p, _ in folder.samples], desc=f"verify {path.name}")
+    return folder
 
 
 def _folder_data(cfg, train: tvd.ImageFolder, test: Dataset) -> Data:
@@ -382,6 +451,7 @@ def load_tiny_imagenet(cfg) -> Data:
             if not image.is_file():
                 raise ConfigError(f"{annotations}:{lineno} names {image}, which does not exist")
             samples.append((str(image), train.class_to_idx[parts[1]]))
+        verify_images([p for p, _ in samples], desc="verify val")
         test = ImageList(samples, eval_transform(cfg), image_loader(cfg.channels))
     else:
         test = _image_folder(root / "val", cfg, layout)
@@ -421,7 +491,7 @@ def load_data(cfg) -> Data:
     return READERS[cfg.dataset](cfg)
 
 
-def dataset_fingerprint(cfg: DataConfig) -> dict:
+def dataset_fingerprint(cfg) -> dict:
     """What identifies the images a stage reads: the dataset, its root folder (names, sizes
     and modification times of its files) and the settings that shape the images."""
     from .rundir import fingerprint

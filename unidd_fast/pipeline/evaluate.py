@@ -29,7 +29,7 @@ from .augment import cutmix, make_augment
 from .checkpoint import EpochCheckpoint
 from .checks import check_teacher
 from .config import Config
-from .datasets import Batches, Data, ImageList, TensorImages, image_loader, prepare_data
+from .datasets import Batches, Data, ImageList, TensorImages, image_loader, prepare_data, verify_images
 from .models import build_model, load_teacher
 from .recover import DISTILLED_FILE
 from .rundir import RunDir, write_json
@@ -83,6 +83,7 @@ def load_distilled(path, data: Data) -> tuple[torch.utils.data.Dataset, int]:
     samples = make_dataset(str(path), class_to_idx, extensions=IMG_EXTENSIONS, allow_empty=True)
     if not samples:
         raise ConfigError(f"{path}: no images in its class folders")
+    verify_images([p for p, _ in samples], desc="verify distilled")
     size = data.image_size
     resize = [T.Resize(size, antialias=True), T.CenterCrop(size)]
     if len(samples) * data.channels * size * size > IN_MEMORY_BYTES:
