@@ -41,7 +41,7 @@ def test_module_entry_point():
     (["stats", "--quiet"], "stats needs --teacher FILE"),
     (["evaluate", "--teacher", "t.safetensors", "--quiet"], "evaluate needs --distilled PATH"),
     (["evaluate", "--quiet"], "evaluate needs --teacher FILE"),
-    (["recover", "--from", "/nonexistent/run", "--quiet"], "/nonexistent/run/config.json does not exist"),
+    (["recover", "--from", "/nonexistent/run", "--quiet"], "--from /nonexistent/run does not exist"),
     (["squeeze", "--set", "squeeze.epochs=lots", "--quiet"], "squeeze.epochs='lots'"),
     (["squeeze", "--teacher-checkpoint", "/nonexistent.pt", "--quiet"], "/nonexistent.pt does not exist"),
     (["show", "/nonexistent/run"], "does not exist"),

@@ -42,6 +42,11 @@ BAD_VALUES = [
     (["--set", "evaluate.temperature=-1"], "evaluate.temperature=-1.0 is invalid", "temperature > 0"),
     (["--set", "recover.betas=0.5,1.5"], "recover.betas=0.5,1.5 is invalid", "[0, 1)"),
     (["--set", "data.dataset=mnist"], "data.dataset='mnist': choose one of", "digits"),
+    (["--set", "data.split_seed=-1"], "data.split_seed=-1 is invalid", "[0, 2**32)"),
+    (["--seeds", str(2**64)], f"seeds={2**64} is invalid", "< 2**63"),
+    (["--iterations", str(10**23)], f"recover.iterations={10**23} is invalid", "<= 10000000"),
+    (["--set", "data.image_size=4096"], "data.image_size=4096 is invalid", "<= 1024"),
+    (["--set", "model.width=1000000000"], "model.width=1000000000 is invalid", "<= 4096"),
     (["--set", "data.std=inf"], "data.std=inf is invalid: expected finite standard deviations > 0"),
     (["--set", "data.mean=nan"], "data.mean=nan is invalid: expected finite means"),
     (["--set", "data.image_size=12", "--set", "model.depth=3"], "data.image_size=12 must be a multiple of 8",
@@ -230,3 +235,20 @@ def test_statistics_of_another_teacher_or_dataset_are_refused(runs, tmp_path, ca
            "was collected on other data than this run reads", "data.split_seed: 0 -> 1")
     assert not any((tmp_path / n / "run.json").exists() for n in "ab")
     assert main(base + ["--teacher", str(theirs), "--allow-stats-mismatch", "--out", str(tmp_path / "c")]) == 0
+
+
+def test_unreadable_from_and_a_full_disk_are_one_line_errors(runs, tmp_path, capsys, monkeypatch):
+    import errno
+
+    from unidd_fast.pipeline import squeeze
+
+    _fails(["recover", "--from", "/etc/passwd", "--out", str(tmp_path / "a"), "--quiet"], capsys,
+           "--from /etc/passwd is not a run directory")
+
+    def full(path, *args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(squeeze, "save_teacher", full)
+    err = _fails(["squeeze", "--out", str(tmp_path / "b")] + TINY, capsys, "no space left on device",
+                 "teacher.safetensors", "free some space")
+    assert len(err.strip().splitlines()) == 1

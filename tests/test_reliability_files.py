@@ -124,3 +124,35 @@ def test_damaged_images_are_found_when_the_folder_is_indexed(tmp_path, capsys, c
     assert main(argv) == 2
     _one_line(capsys, str(bad), message)
     assert not (tmp_path / "run").exists()  # found before anything ran
+
+
+@pytest.mark.parametrize("meta", ["{not json", "[1, 2]", '{"format": "unidd_fast.real_stats/1"}',
+                                  '{"format": "unidd_fast.real_stats/1", "sites": 5, "sha256": ""}'])
+def test_statistics_metadata_that_is_not_the_expected_json_is_named(tmp_path, meta):
+    import torch
+    from safetensors.torch import save_file
+
+    from unidd_fast import RealStats
+    from unidd_fast.errors import StatsFileError
+
+    path = tmp_path / "stats.safetensors"
+    save_file({"x/psi": torch.eye(2, dtype=torch.float64)}, str(path), metadata={"unidd": meta})
+    with pytest.raises(StatsFileError, match="stats.safetensors has damaged metadata"):
+        RealStats.load(path)
+
+
+@pytest.mark.parametrize("spec", ["{not json", '"convnet"',
+                                  '{"arch": "convnet", "num_classes": 10, "image_size": 8, "channels": 1, '
+                                  '"width": 1000000000, "depth": 1}',
+                                  '{"arch": "convnet", "num_classes": 10}'])
+def test_a_teacher_spec_that_is_damaged_or_absurd_is_named(tmp_path, spec):
+    import torch
+    from safetensors.torch import save_file
+
+    from unidd_fast.errors import ConfigError
+    from unidd_fast.pipeline.models import TEACHER_FORMAT, load_teacher
+
+    path = tmp_path / "teacher.safetensors"
+    save_file({"w": torch.ones(2)}, str(path), metadata={"format": TEACHER_FORMAT, "spec": spec, "extra": "{}"})
+    with pytest.raises(ConfigError, match="teacher.safetensors has a damaged model spec"):
+        load_teacher(path)

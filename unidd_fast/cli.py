@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import sys
 from pathlib import Path
@@ -105,6 +106,10 @@ def resolve_config(args):
 
     artifacts = {}
     if args.from_dir:
+        if not Path(args.from_dir).expanduser().is_dir():
+            what = "is not a run directory" if Path(args.from_dir).expanduser().exists() else "does not exist"
+            raise ConfigError(f"--from {args.from_dir} {what}; point it at the --out directory of an earlier "
+                              "unidd-fast stage")
         cfg = config.load(Path(args.from_dir).expanduser() / "config.json")
         artifacts = read_results(args.from_dir).get("artifacts", {})
         if args.dataset and args.dataset != cfg.data.dataset:
@@ -254,4 +259,14 @@ def main(argv=None) -> int:
         return run_show(args) if args.command == "show" else run_stage(args)
     except UniddError as exc:
         print(f"unidd-fast {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        print(f"unidd-fast {args.command}: error: no space left on device writing {exc.filename}: free some space "
+              "(or choose another --out) and rerun the same command to continue", file=sys.stderr)
+        return 2
+    except MemoryError:
+        print(f"unidd-fast {args.command}: error: out of memory: lower data.image_size or the batch sizes "
+              "(--set squeeze.batch_size=..., recover.batch_size=..., evaluate.batch_size=...)", file=sys.stderr)
         return 2

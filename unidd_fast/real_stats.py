@@ -147,6 +147,33 @@ def atomic_write(path: Path, write) -> None:
         raise
 
 
+def _parse_meta(path, raw: str) -> dict:
+    """The JSON metadata of a statistics file, its types checked; StatsFileError if damaged."""
+    try:
+        meta = json.loads(raw)
+        if not isinstance(meta, dict):
+            raise TypeError(f"a JSON {type(meta).__name__}, not an object")
+        if meta.get("format") != FORMAT:
+            raise StatsFileError(f"{path} has format {meta.get('format')!r}, expected {FORMAT!r}")
+        sites, counts, shapes = meta["sites"], meta["counts"], meta["shapes"]
+        if not (isinstance(sites, list) and all(isinstance(s, str) for s in sites)):
+            raise TypeError("'sites' is not a list of names")
+        for name in sites:
+            if type(counts[name]) is not int or not all(type(n) is int for n in shapes[name]):
+                raise TypeError(f"the count or shape of site {name!r} is not made of integers")
+        for key in ("num_images", "num_classes"):
+            if type(meta[key]) is not int:
+                raise TypeError(f"{key!r} is not an integer")
+        if not isinstance(meta["sha256"], str) or not isinstance(meta["model_class"], str):
+            raise TypeError("'sha256' or 'model_class' is not a string")
+        if not isinstance(meta.get("provenance", {}), dict):
+            raise TypeError("'provenance' is not an object")
+    except (ValueError, KeyError, TypeError) as exc:
+        raise StatsFileError(f"{path} has damaged metadata ({type(exc).__name__}: {exc}); recreate it with "
+                             "`unidd-fast stats`") from None
+    return meta
+
+
 class RealStats:
     """Real-data statistics of every site of one model, with the provenance needed to refuse
     a mismatched use: model class, ordered site names, feature shapes, image and class counts;
@@ -234,9 +261,7 @@ class RealStats:
                                  "recreate it with `unidd-fast stats`") from exc
         if raw is None:
             raise StatsFileError(f"{path} has no unidd_fast metadata; it was not written by RealStats.save")
-        meta = json.loads(raw)
-        if meta.get("format") != FORMAT:
-            raise StatsFileError(f"{path} has format {meta.get('format')!r}, expected {FORMAT!r}")
+        meta = _parse_meta(path, raw)
         if checksum(tensors) != meta["sha256"]:
             raise StatsFileError(f"{path} fails its checksum (corrupted); recreate it with `unidd-fast stats`")
         sites = {

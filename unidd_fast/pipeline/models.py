@@ -85,6 +85,25 @@ def weights_sha256(model: nn.Module) -> str:
     return checksum({k: v.detach() for k, v in model.state_dict().items()})
 
 
+# Sane ranges of a teacher file's model spec (a damaged file must not allocate terabytes).
+SPEC_RANGES = {"num_classes": (1, 100_000), "image_size": (1, 1024), "channels": (1, 3), "width": (1, 4096),
+               "depth": (1, 16)}
+
+
+def _parse_spec(path, raw) -> dict:
+    """The model spec of a teacher file, checked against ARCHS and SPEC_RANGES."""
+    try:
+        spec = json.loads(raw)
+        if not isinstance(spec, dict) or spec.get("arch") not in ARCHS:
+            raise ValueError(f"expected an object with an arch in {ARCHS}")
+        for key, (lo, hi) in SPEC_RANGES.items():
+            if type(spec.get(key)) is not int or not lo <= spec[key] <= hi:
+                raise ValueError(f"{key}={spec.get(key)!r} is not an integer in [{lo}, {hi}]")
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(f"{path} has a damaged model spec ({exc}); rerun `unidd-fast squeeze`") from None
+    return spec
+
+
 def load_teacher(path, device="cpu") -> tuple[nn.Module, dict]:
     """(model in eval mode on ``device``, spec) from a file written by ``save_teacher``."""
     path = Path(path)
@@ -99,9 +118,13 @@ def load_teacher(path, device="cpu") -> tuple[nn.Module, dict]:
     if meta.get("format") != TEACHER_FORMAT:
         raise ConfigError(f"{path} is not a unidd_fast teacher (format {meta.get('format')!r}); to start from "
                           "a plain state dict use `unidd-fast squeeze --teacher-checkpoint FILE`")
-    spec = json.loads(meta["spec"])
+    spec = _parse_spec(path, meta.get("spec"))
     model = build_from_spec(spec)
-    model.load_state_dict(state)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:
+        raise ConfigError(f"{path}: its weights do not fit its model spec {spec} ({str(exc).splitlines()[0]}); "
+                          "rerun `unidd-fast squeeze`") from None
     return model.to(device).eval(), spec
 
 
