@@ -156,3 +156,19 @@ def test_a_teacher_spec_that_is_damaged_or_absurd_is_named(tmp_path, spec):
     save_file({"w": torch.ones(2)}, str(path), metadata={"format": TEACHER_FORMAT, "spec": spec, "extra": "{}"})
     with pytest.raises(ConfigError, match="teacher.safetensors has a damaged model spec"):
         load_teacher(path)
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027, 0o077])
+def test_atomic_write_honours_the_umask(tmp_path, umask):
+    import os
+    import stat
+    from pathlib import Path
+
+    from unidd_fast.real_stats import atomic_write
+
+    old = os.umask(umask)
+    try:
+        atomic_write(tmp_path / "out.txt", lambda tmp: Path(tmp).write_text("x"))
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "out.txt").stat().st_mode) == 0o666 & ~umask
