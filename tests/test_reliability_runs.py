@@ -68,3 +68,36 @@ def test_a_refused_distill_rerun_leaves_the_run_as_it_was(tmp_path, capsys):
     assert (out / "config.json").read_text() == config
     assert main(argv) == 0  # finished: nothing to do
     assert "already finished" in (out / "log.txt").read_text()
+
+
+def test_temporary_files_left_by_a_kill_are_removed_by_the_next_run(tmp_path):
+    out = tmp_path / "sq"
+    assert main(["squeeze", "--out", str(out)] + TINY) == 0
+    left = [out / ".teacher.safetensors.k2x_9abc.tmp", out / "checkpoints" / ".squeeze.pt.a1b2c3d4.tmp",
+            out / ".run.json.zz00zz00.tmp"]
+    mine = [out / ".notes.tmp", out / "checkpoints" / "mine.txt"]
+    for path in left + mine:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("partial")
+    assert main(["squeeze", "--out", str(out)] + TINY) == 0  # finished: nothing to redo, but cleaned
+    assert not any(p.exists() for p in left)
+    assert all(p.read_text() == "partial" for p in mine)
+
+
+def test_atomic_write_syncs_the_file_and_its_directory(tmp_path, monkeypatch):
+    import os
+    import stat
+    from pathlib import Path
+
+    from unidd_fast import real_stats
+
+    synced = []
+    real_fsync = os.fsync
+
+    def fsync(fd):
+        synced.append(stat.S_ISDIR(os.fstat(fd).st_mode))
+        real_fsync(fd)
+
+    monkeypatch.setattr(real_stats.os, "fsync", fsync)
+    real_stats.atomic_write(tmp_path / "a.txt", lambda tmp: Path(tmp).write_text("x"))
+    assert synced == [False, True]  # the file before the rename, the directory after it

@@ -138,9 +138,19 @@ def _umask() -> int:
     return mask
 
 
+def _fsync(path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def atomic_write(path: Path, write) -> None:
     """Call ``write(tmp_path)`` then rename over ``path``: a crash leaves old or new, never torn.
-    The file gets the permissions of any new file (0666 less the umask), not mkstemp's 0600."""
+    The file is fsynced before the rename and its directory after it, so this holds for a
+    power loss too. The file gets the permissions of any new file (0666 less the umask), not
+    mkstemp's 0600. A kill leaves at most ``.NAME.*.tmp``, which the next run removes."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -148,7 +158,9 @@ def atomic_write(path: Path, write) -> None:
     try:
         write(tmp)
         os.chmod(tmp, 0o666 & ~_umask())
+        _fsync(tmp)
         os.replace(tmp, path)
+        _fsync(path.parent)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)

@@ -257,6 +257,10 @@ class RunDir:
         prints = {name: ([fingerprint(p) for p in value] if isinstance(value, (list, tuple)) else fingerprint(value))
                   for name, value in (inputs or {}).items() if value is not None}
         before = self._read(RUN_FILE)
+        if before is not None and self.main:  # under the lock: temporaries of a killed writer
+            for path in self.written(str(before.get("stage"))):
+                if TEMPORARY.fullmatch(path.name):
+                    path.unlink(missing_ok=True)
         if before is not None and self.force:
             distributed.barrier()  # every rank has read run.json before rank 0 deletes it
             self.clear(str(before.get("stage")), _input_paths(inputs, cfg))
