@@ -126,8 +126,8 @@ def test_damaged_images_are_found_when_the_folder_is_indexed(tmp_path, capsys, c
     assert not (tmp_path / "run").exists()  # found before anything ran
 
 
-@pytest.mark.parametrize("meta", ["{not json", "[1, 2]", '{"format": "unidd_fast.real_stats/1"}',
-                                  '{"format": "unidd_fast.real_stats/1", "sites": 5, "sha256": ""}'])
+@pytest.mark.parametrize("meta", ["{not json", "[1, 2]", '{"format": "unidd_fast.real_stats/2"}',
+                                  '{"format": "unidd_fast.real_stats/2", "sites": 5, "sha256": ""}'])
 def test_statistics_metadata_that_is_not_the_expected_json_is_named(tmp_path, meta):
     import torch
     from safetensors.torch import save_file
@@ -151,9 +151,11 @@ def test_a_teacher_spec_that_is_damaged_or_absurd_is_named(tmp_path, spec):
 
     from unidd_fast.errors import ConfigError
     from unidd_fast.pipeline.models import TEACHER_FORMAT, load_teacher
+    from unidd_fast.real_stats import checksum
 
-    path = tmp_path / "teacher.safetensors"
-    save_file({"w": torch.ones(2)}, str(path), metadata={"format": TEACHER_FORMAT, "spec": spec, "extra": "{}"})
+    path, tensors = tmp_path / "teacher.safetensors", {"w": torch.ones(2)}
+    meta = {"format": TEACHER_FORMAT, "spec": spec, "extra": "{}"}
+    save_file(tensors, str(path), metadata=dict(meta, sha256=checksum(tensors, meta)))  # damaged before the checksum
     with pytest.raises(ConfigError, match="teacher.safetensors has a damaged model spec"):
         load_teacher(path)
 
@@ -172,3 +174,43 @@ def test_atomic_write_honours_the_umask(tmp_path, umask):
     finally:
         os.umask(old)
     assert stat.S_IMODE((tmp_path / "out.txt").stat().st_mode) == 0o666 & ~umask
+
+
+def test_a_flipped_bit_in_a_teacher_file_fails_its_checksum(tmp_path):
+    from unidd_fast.errors import ConfigError
+    from unidd_fast.pipeline.models import build_model, load_teacher, model_spec, save_teacher
+
+    spec = model_spec("convnet", 3, 8, 1, 4, 1)
+    path = tmp_path / "teacher.safetensors"
+    save_teacher(path, build_model("convnet", 3, 8, 1, 4, 1), spec)
+    load_teacher(path)
+    raw = bytearray(path.read_bytes())
+    raw[-2] ^= 0x40  # an exponent bit of the last weight
+    path.write_bytes(bytes(raw))
+    with pytest.raises(ConfigError, match="teacher.safetensors fails its checksum"):
+        load_teacher(path)
+
+
+def test_statistics_metadata_is_under_the_checksum(tmp_path):
+    import json
+
+    import torch
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from unidd_fast import RealStats
+    from unidd_fast.errors import StatsFileError
+    from unidd_fast.real_stats import SiteStats
+
+    g = torch.Generator().manual_seed(0)
+    site = SiteStats(*(torch.randn(*s, generator=g, dtype=torch.float64) for s in ((2, 2), (2,), (2, 3), (2, 3))),
+                     count=40)
+    path = tmp_path / "stats.safetensors"
+    RealStats({"s": site}, {"s": (2, 4, 5)}, "ConvNet", 10, 3).save(path)
+    with safe_open(str(path), framework="pt") as handle:
+        meta = json.loads(handle.metadata()["unidd"])
+        tensors = {k: handle.get_tensor(k) for k in handle.keys()}
+    meta["counts"]["s"] = 4000
+    save_file(tensors, str(path), metadata={"unidd": json.dumps(meta)})
+    with pytest.raises(StatsFileError, match="fails its checksum"):
+        RealStats.load(path)

@@ -26,7 +26,7 @@ from .profiling import annotate
 from .progress import progress
 from .sites import SiteHooks
 
-FORMAT = "unidd_fast.real_stats/1"
+FORMAT = "unidd_fast.real_stats/2"  # /2: the checksum covers the metadata too
 
 
 @dataclass
@@ -123,9 +123,9 @@ class MomentAccumulator:
         )
 
 
-def checksum(tensors: dict[str, torch.Tensor]) -> str:
-    """sha256 of the tensors' names and bytes, in name order."""
-    digest = hashlib.sha256()
+def checksum(tensors: dict[str, torch.Tensor], meta: dict | None = None) -> str:
+    """sha256 of ``meta`` (as sorted JSON) and of the tensors' names and bytes, in name order."""
+    digest = hashlib.sha256(json.dumps(meta, sort_keys=True).encode() if meta else b"")
     for key in sorted(tensors):
         digest.update(key.encode())
         digest.update(tensors[key].contiguous().cpu().numpy().tobytes())
@@ -174,7 +174,8 @@ def _parse_meta(path, raw: str) -> dict:
         if not isinstance(meta, dict):
             raise TypeError(f"a JSON {type(meta).__name__}, not an object")
         if meta.get("format") != FORMAT:
-            raise StatsFileError(f"{path} has format {meta.get('format')!r}, expected {FORMAT!r}")
+            raise StatsFileError(f"{path} has format {meta.get('format')!r}, expected {FORMAT!r}; recreate it "
+                                 "with `unidd-fast stats`")
         sites, counts, shapes = meta["sites"], meta["counts"], meta["shapes"]
         if not (isinstance(sites, list) and all(isinstance(s, str) for s in sites)):
             raise TypeError("'sites' is not a list of names")
@@ -259,8 +260,8 @@ class RealStats:
             "num_images": self.num_images,
             "num_classes": self.num_classes,
             "provenance": self.provenance,
-            "sha256": checksum(tensors),
         }
+        meta["sha256"] = checksum(tensors, meta)
         atomic_write(Path(path), lambda tmp: save_file(tensors, tmp, metadata={"unidd": json.dumps(meta)}))
 
     @classmethod
@@ -282,7 +283,7 @@ class RealStats:
         if raw is None:
             raise StatsFileError(f"{path} has no unidd_fast metadata; it was not written by RealStats.save")
         meta = _parse_meta(path, raw)
-        if checksum(tensors) != meta["sha256"]:
+        if checksum(tensors, {k: v for k, v in meta.items() if k != "sha256"}) != meta["sha256"]:
             raise StatsFileError(f"{path} fails its checksum (corrupted); recreate it with `unidd-fast stats`")
         sites = {
             n: SiteStats(*(tensors[f"{n}/{f}"].to(device) for f in ("psi", "mu", "phi", "phi_soft")),

@@ -77,6 +77,7 @@ def save_teacher(path, model: nn.Module, spec: dict, extra: dict | None = None) 
     """Write the weights (safetensors) with ``spec`` (from ``model_spec``) in the metadata."""
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     meta = {"format": TEACHER_FORMAT, "spec": json.dumps(spec), "extra": json.dumps(extra or {})}
+    meta["sha256"] = checksum(tensors, meta)
     atomic_write(Path(path), lambda tmp: save_file(tensors, tmp, metadata=meta))
 
 
@@ -118,6 +119,9 @@ def load_teacher(path, device="cpu") -> tuple[nn.Module, dict]:
     if meta.get("format") != TEACHER_FORMAT:
         raise ConfigError(f"{path} is not a unidd_fast teacher (format {meta.get('format')!r}); to start from "
                           "a plain state dict use `unidd-fast squeeze --teacher-checkpoint FILE`")
+    if checksum(state, {k: v for k, v in meta.items() if k != "sha256"}) != meta.get("sha256"):
+        raise ConfigError(f"{path} fails its checksum (corrupted, or written by an older unidd-fast without one); "
+                          "rerun `unidd-fast squeeze`")
     spec = _parse_spec(path, meta.get("spec"))
     model = build_from_spec(spec)
     try:
