@@ -32,7 +32,7 @@ def _fails(argv, capsys, *messages):
 
 
 BAD_VALUES = [
-    (["--ipc", "0"], "ipc=0 is invalid: expected one or more integers >= 1", "--ipc"),
+    (["--ipc", "0"], "ipc=0 is invalid: expected one or more distinct integers >= 1", "--ipc"),
     (["--set", "recover.beta=-0.1"], "recover.beta=-0.1 is invalid: expected a regularisation β > 0",
      "--set recover.beta="),
     (["--set", "recover.beta_min=0"], "recover.beta_min=0.0 is invalid", "β_min > 0"),
@@ -47,6 +47,11 @@ BAD_VALUES = [
     (["--iterations", str(10**23)], f"recover.iterations={10**23} is invalid", "<= 10000000"),
     (["--set", "data.image_size=4096"], "data.image_size=4096 is invalid", "<= 1024"),
     (["--set", "model.width=1000000000"], "model.width=1000000000 is invalid", "<= 4096"),
+    (["--ipc", "1,1", "--seeds", "0"], "ipc=1,1 is invalid", "distinct"),
+    (["--ipc", "1", "--seeds", "0,0"], "seeds=0,0 is invalid", "distinct"),
+    (["--set", "recover.beta=inf"], "recover.beta=inf is invalid: expected a regularisation β > 0"),
+    (["--set", "recover.lr=inf"], "recover.lr=inf is invalid"),
+    (["--set", "data.workers=5000"], "data.workers=5000 is invalid", "<= 64"),
     (["--set", "data.std=inf"], "data.std=inf is invalid: expected finite standard deviations > 0"),
     (["--set", "data.mean=nan"], "data.mean=nan is invalid: expected finite means"),
     (["--set", "data.image_size=12", "--set", "model.depth=3"], "data.image_size=12 must be a multiple of 8",

@@ -294,11 +294,11 @@ def load(path) -> Config:
 
 # What every value must satisfy: (test, what to give instead). Checked before any work.
 def _positive(v):
-    return v > 0
+    return math.isfinite(v) and v > 0
 
 
 def _non_negative(v):
-    return v >= 0
+    return math.isfinite(v) and v >= 0
 
 
 def _fraction(v):
@@ -310,9 +310,10 @@ def _momentum(v):
 
 
 RULES: dict[str, tuple] = {
-    "ipc": (lambda v: len(v) > 0 and min(v) >= 1, "one or more integers >= 1 (e.g. --ipc 1,10)"),
-    "seeds": (lambda v: len(v) > 0 and min(v) >= 0 and max(v) < 2**63,
-              "one or more integers >= 0 and < 2**63 (e.g. --seeds 0,1)"),
+    "ipc": (lambda v: len(v) > 0 and min(v) >= 1 and len(set(v)) == len(v),
+            "one or more distinct integers >= 1 (e.g. --ipc 1,10)"),
+    "seeds": (lambda v: len(v) > 0 and min(v) >= 0 and max(v) < 2**63 and len(set(v)) == len(v),
+              "one or more distinct integers >= 0 and < 2**63 (e.g. --seeds 0,1)"),
     "threads": (_non_negative, "a thread count >= 0 (0: torch's default)"),
     "checkpoint_every": (_non_negative, "seconds >= 0 between checkpoints (0: every epoch)"),
     "data.image_size": (lambda v: 1 <= v <= 1024, "an image side >= 1 and <= 1024 pixels"),
@@ -322,7 +323,7 @@ RULES: dict[str, tuple] = {
     "data.resize_ratio": (lambda v: v >= 1, "a ratio >= 1 (resize the short side to image_size·ratio, then crop)"),
     "data.test_size": (lambda v: 0 < v < 1, "a fraction in (0, 1)"),
     "data.split_seed": (lambda v: 0 <= v < 2**32, "a seed in [0, 2**32)"),
-    "data.workers": (_non_negative, "a worker count >= 0"),
+    "data.workers": (lambda v: 0 <= v <= 64, "a worker count >= 0 and <= 64"),
     "model.width": (lambda v: 1 <= v <= 4096, "a channel count >= 1 and <= 4096"),
     "model.depth": (lambda v: 1 <= v <= 16, "a block count >= 1 and <= 16"),
     "squeeze.epochs": (_non_negative, "an epoch count >= 0"),
