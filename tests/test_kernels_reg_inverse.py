@@ -94,3 +94,15 @@ def test_fp32_backward_matches_reference(gen):
     got, = torch.autograd.grad((regularized_inverse(A32, 0.05, block=16) * G.float()).sum(), A32)
     # dA = −Y sym(G) Y: the error of Y (κ·eps32, κ ≈ 100 here) enters twice
     assert rel(got, want) < 1e-4
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_infinite_pivot_names_its_column(dtype, gen):
+    """An Inf on the diagonal is a failed pivot at its own column (pivot > 0 alone accepted it)."""
+    A = covariances(2, 40, gen).to(dtype)
+    A[1, 21, 21] = float("inf")  # second block, after one trailing update
+    _, info = cholesky_inverse(A, 0.1, block=16)
+    assert info.tolist() == [0, 22]
+    with pytest.raises(NotPositiveDefiniteError, match=r"\['b'\]"):
+        regularized_inverse(A, 0.1, names=["a", "b"], block=16)

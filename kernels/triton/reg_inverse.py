@@ -3,8 +3,10 @@
 Semantics: ``unidd_fast.reference.regularized_inverse`` (A symmetric, its lower triangle is
 read). No host synchronisation: β is a Python float or a 0-d tensor read on the device,
 and a failed factorisation is reported in ``info`` (k,) int32 (0, or 1 + the first
-column whose pivot was not > 0, NaN included), which eager callers check with
-``_utils.check_cholesky_info``. Why Cholesky and not Newton–Schulz: bench/roofline.py.
+column whose pivot was not finite and > 0: NaN and +Inf fail too), which eager callers
+check with ``_utils.check_cholesky_info``. Square roots and divisions are the IEEE
+correctly rounded ones (``tl.sqrt_rn``/``tl.div_rn``; plain ``/`` and ``tl.sqrt`` compile
+to approximate instructions on the GPU). Why Cholesky and not Newton–Schulz: bench/roofline.py.
 
 Three launches, on workspaces padded to DP = nb·B (the padding is an identity block):
   1. ``_chol_kernel``, grid (k,): left-looking blocked Cholesky in place in ``w`` (copy
@@ -49,9 +51,27 @@ def config(dtype: torch.dtype, beta_on_device: bool, block: int = BLOCK) -> dict
 
 
 @triton.jit
+def _div(x, y):
+    """x / y correctly rounded: fp32 ``/`` compiles to an approximate division on the GPU;
+    fp64 division is IEEE already (and ``div_rn`` takes fp32 only)."""
+    if x.dtype == tl.float32:
+        return tl.div_rn(x, y)
+    return x / y
+
+
+@triton.jit
+def _sqrt(x):
+    """IEEE square root (see ``_div``)."""
+    if x.dtype == tl.float32:
+        return tl.sqrt_rn(x)
+    return tl.sqrt(x)
+
+
+@triton.jit
 def _chol_tile(a, B: tl.constexpr):
     """Unblocked Cholesky of a B×B register tile (lower triangle read). Returns L and the
-    first local column whose pivot is not > 0 (B when none)."""
+    first local column whose pivot is not finite and > 0 (B when none): an Inf pivot
+    would give a zero column and a non-finite inverse further on, with another column named."""
     r = tl.arange(0, B)
     cols = r[None, :]
     low = tl.zeros((B, B), dtype=a.dtype)
@@ -59,8 +79,8 @@ def _chol_tile(a, B: tl.constexpr):
     for k in range(0, B):
         col = tl.sum(tl.where(cols == k, a, 0), axis=1)
         pivot = tl.sum(tl.where(r == k, col, 0), axis=0)
-        bad = tl.minimum(bad, tl.where(pivot > 0, B, k))
-        lk = tl.where(r >= k, col / tl.sqrt(pivot), 0)
+        bad = tl.minimum(bad, tl.where((pivot > 0) & (pivot < float("inf")), B, k))
+        lk = tl.where(r >= k, _div(col, tl.broadcast_to(_sqrt(pivot), col.shape)), 0)
         low = tl.where(cols == k, lk[:, None], low)
         a = a - lk[:, None] * lk[None, :]
     return low, bad
@@ -76,7 +96,8 @@ def _tril_inverse_tile(low, B: tl.constexpr):
         lrow = tl.sum(tl.where(rows == k, low, 0), axis=0)
         lkk = tl.sum(tl.where(r == k, lrow, 0), axis=0)
         acc = tl.sum(tl.where(r < k, lrow, 0)[:, None] * inv, axis=0)
-        xk = (tl.where(r == k, 1.0, 0.0).to(low.dtype) - acc) / lkk
+        num = tl.where(r == k, 1.0, 0.0).to(low.dtype) - acc
+        xk = _div(num, tl.broadcast_to(lkk, num.shape))
         inv = tl.where(rows == k, xk[None, :], inv)
     return inv
 
