@@ -80,6 +80,32 @@ def test_regularized_inverse_fp32_accuracy(gen):
     assert (got - want).norm() / want.norm() < 1e-3
 
 
+def rank_deficient_psi(k, d, rows, lam_max, gen):
+    """Covariances of ``rows`` < d points (Ψ of a deep site of a small class-batch), λmax = lam_max."""
+    X = torch.randn(k, rows, d, generator=gen, dtype=torch.float64)
+    X = X - X.mean(1, keepdim=True)
+    psi = X.mT @ X / rows
+    return psi * (lam_max / torch.linalg.eigvalsh(psi)[:, -1:, None])
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("beta", [1e-4, 1e-5])
+def test_small_beta_fp32_is_computed_exactly(beta, backend, gen):
+    """fp32 input with κ = (λmax + β)/β beyond fp32 (λmax = 100, n·h·w < d) goes through float64:
+    the fp32 result is the float64 inverse rounded, not percents off with info = 0."""
+    psi = rank_deficient_psi(2, 40, 12, 100.0, gen).float().double()  # the exact value of the fp32 input
+    want = torch.linalg.inv(psi + beta * torch.eye(40, dtype=psi.dtype))
+    naive = torch.cholesky_inverse(torch.linalg.cholesky(psi.float() + beta * torch.eye(40))).double()
+    assert (naive - want).norm() / want.norm() > 1e-3  # the failure the promotion prevents
+    assert uf.ops.needs_float64(psi.float(), beta) and not uf.ops.needs_float64(psi.float(), 0.1)
+    got = uf.regularized_inverse(psi.float(), beta, backend=backend)
+    assert got.dtype == torch.float32
+    assert (got.double() - want).norm() / want.norm() < 1e-6
+    A = psi.float().requires_grad_(True)
+    uf.regularized_inverse(A, beta, backend="torch").sum().backward()
+    assert A.grad.dtype == torch.float32 and torch.isfinite(A.grad).all()
+
+
 def test_regularized_inverse_not_spd_raises(gen):
     A = random_spd(2, 4, gen)
     A[1] = -torch.eye(4, dtype=A.dtype)
