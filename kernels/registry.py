@@ -13,9 +13,12 @@ that computes the op there:
 from __future__ import annotations
 
 import functools
+import hashlib
 import importlib
+import json
 import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -26,11 +29,17 @@ from ._utils import interpreting
 
 OPS = ("site_stats", "site_stats_grad", "regularized_inverse")
 
-# What "auto" tries first on a CUDA device, per op, from the H100 roofline predictions in
-# bench/RESULTS.md (not yet GPU-measured): Triton's tensor-core Gram beats the CUDA kernels'
-# fp32 FMA Gram; the CUDA inverse does all widths in one launch set (~186 µs vs ~474 µs).
+# What "auto" tries first on a CUDA device, per op, when ``unidd-fast doctor`` has measured
+# nothing on this GPU (MEASURED_ORDER), from the H100 roofline predictions in bench/RESULTS.md:
+# Triton's tensor-core Gram beats the CUDA kernels' fp32 FMA Gram. For the inverse the CUDA
+# extension could invert all widths in one launch set, but CFMLoss inverts one width group
+# per call (one launch set per width, as Triton), so that advantage is not realised; both
+# run one program per matrix, which for a few matrices of width >= LARGE_WIDTH (ResNet-50's
+# 1024..2048) leaves most SMs idle: there the batched cuSOLVER factorisation of the torch
+# backend (torch.linalg.cholesky_ex) uses the whole GPU.
 AUTO_ORDER = {"site_stats": ("triton", "cuda"), "site_stats_grad": ("triton", "cuda"),
               "regularized_inverse": ("cuda", "triton")}
+LARGE_WIDTH = 1024
 
 
 @functools.lru_cache(maxsize=None)
@@ -98,15 +107,83 @@ BACKENDS = {
 }
 
 
-def resolve(op: str, backend: str | None, device: torch.device | str, dtype: torch.dtype | None = None) -> str:
+def cache_dir() -> Path:
+    """Where measured backend timings live: $XDG_CACHE_HOME/unidd_fast (default ~/.cache/unidd_fast)."""
+    root = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(root) / "unidd_fast"
+
+
+def environment_key(device: torch.device | str) -> dict:
+    """What a measurement holds for: the GPU's name, torch, triton and the extension build."""
+    device = torch.device(device)
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" and torch.cuda.is_available() else device.type
+    triton_version = importlib.import_module("triton").__version__ if triton_available() else None
+    build = None
+    if cuda_extension_available():
+        try:
+            path = Path(importlib.import_module("unidd_fast._cuda").__file__)
+            build = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+        except (ImportError, OSError, TypeError):
+            build = "unreadable"
+    return {"device": gpu, "torch": torch.__version__, "triton": triton_version, "extension": build}
+
+
+def timings_path(key: dict) -> Path:
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    return cache_dir() / f"backends-{digest}.json"
+
+
+def save_timings(key: dict, timings: dict) -> Path:
+    """Store ``timings`` {op: {backend: median seconds}} of the backends that passed (atomic write)."""
+    path = timings_path(key)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"key": key, "timings": timings}, indent=1))
+    os.replace(tmp, path)
+    _load_timings.cache_clear()
+    measured_order.cache_clear()
+    return path
+
+
+@functools.lru_cache(maxsize=None)
+def _load_timings(device: str) -> dict:
+    key = environment_key(device)
+    try:
+        data = json.loads(timings_path(key).read_text())
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(data, dict) or data.get("key") != key or not isinstance(data.get("timings"), dict):
+        return {}  # a hostile or stale file is ignored: the prediction order stands
+    return data["timings"]
+
+
+@functools.lru_cache(maxsize=None)
+def measured_order(op: str, device: str) -> tuple[str, ...] | None:
+    """Backends of ``op`` that passed ``unidd-fast doctor`` on this GPU, fastest first, or None."""
+    times = _load_timings(device).get(op)
+    if not isinstance(times, dict):
+        return None
+    valid = [(t, name) for name, t in times.items() if name in BACKENDS and isinstance(t, (int, float))]
+    return tuple(name for _, name in sorted(valid)) or None
+
+
+def resolve(op: str, backend: str | None, device: torch.device | str, dtype: torch.dtype | None = None,
+            width: int | None = None) -> str:
     """Turn ``backend`` ("auto", None or a name) into a concrete backend for ``op`` on ``device``
-    with inputs of ``dtype``. A named backend that is missing or runs elsewhere is a ConfigError;
-    one that does not compute in ``dtype`` (the CUDA kernels and float64) hands it to torch."""
+    with inputs of ``dtype`` (and matrices of ``width``, for the inverse). "auto" on CUDA takes
+    the fastest backend doctor measured on this GPU, else AUTO_ORDER. A named backend that is
+    missing or runs elsewhere is a ConfigError; one that does not compute in ``dtype`` (the
+    CUDA kernels and float64) hands it to torch."""
     name = backend or os.environ.get("UNIDD_BACKEND", "auto")
     device = torch.device(device)
     if name == "auto":
         if device.type == "cuda":
-            for candidate in AUTO_ORDER[op]:
+            order = measured_order(op, str(device))
+            if order is None:
+                if op == "regularized_inverse" and width is not None and width >= LARGE_WIDTH:
+                    return "torch"
+                order = AUTO_ORDER[op]
+            for candidate in order:
                 if BACKENDS[candidate].available() and (dtype is None or BACKENDS[candidate].supports(device, dtype)):
                     return candidate
         return "torch"

@@ -40,3 +40,31 @@ def test_float64_goes_to_a_backend_that_computes_in_it(monkeypatch):
     assert backend.resolve("regularized_inverse", "cuda", "cuda", torch.bfloat16) == "cuda"
     assert not backend.BACKENDS["cuda"].supports("cuda", torch.float64)
     assert backend.BACKENDS["torch"].supports("cpu", torch.float64)
+
+
+def test_triton_launch_runs_on_the_tensors_device(monkeypatch):
+    """A launch enters torch.cuda.device of its first CUDA tensor (not the current device)."""
+    from types import SimpleNamespace
+
+    from unidd_fast.kernels.triton import launch as launch_mod
+
+    entered = []
+
+    class Guard:
+        def __init__(self, device):
+            self.device = device
+
+        def __enter__(self):
+            entered.append(self.device)
+
+        def __exit__(self, *exc):
+            return False
+
+    monkeypatch.setattr(torch.cuda, "device", Guard)
+    seen = []
+    kernel = {(1,): lambda *args, **meta: seen.append(list(entered))}
+    on_gpu1 = SimpleNamespace(device=torch.device("cuda", 1))
+    launch_mod.launch(kernel, (1,), 3, on_gpu1, BLOCK=4)
+    assert seen == [[torch.device("cuda", 1)]]
+    launch_mod.launch(kernel, (1,), torch.zeros(2), BLOCK=4)  # CPU (interpreter): no guard
+    assert len(entered) == 1

@@ -4,6 +4,7 @@
   unidd-fast squeeze|stats|recover|evaluate  one stage; chain them with --from DIR
   unidd-fast show DIR                      pictures of a run
   unidd-fast kernels ...                   ahead-of-time kernel tools
+  unidd-fast doctor ...                    check every backend of every fused op here, time them
 """
 from __future__ import annotations
 
@@ -26,6 +27,8 @@ HELP = {
     "evaluate": "train students on distilled sets by online KD; top-1 on the real test set",
     "show": "PNG grids of distilled images and plots of the filter responses",
     "kernels": "ahead-of-time kernel tools (arguments are passed on)",
+    "doctor": "every backend of every fused op against float64 at a teacher's site shapes, timed "
+              "(arguments are passed on; see unidd-fast doctor --help)",
 }
 
 
@@ -94,6 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("--stats", metavar="FILE", help="statistics for the filter plot (default: the run's)")
     show.add_argument("--quiet", action="store_true")
     sub.add_parser("kernels", help=HELP["kernels"], add_help=False)
+    sub.add_parser("doctor", help=HELP["doctor"], add_help=False)
     return parser
 
 
@@ -250,6 +254,10 @@ def main(argv=None) -> int:
         from .kernels import compile_report
 
         return compile_report.main(argv[1:]) or 0
+    if argv and argv[0] == "doctor":
+        from . import doctor
+
+        return doctor.main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:

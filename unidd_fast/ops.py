@@ -27,7 +27,7 @@ def needs_float64(A: torch.Tensor, beta) -> bool:
     if capturing(A):
         return True
     b = float(beta)
-    bound = float(torch.linalg.matrix_norm(A.float()).max()) if A.numel() else 0.0
+    bound = float(torch.linalg.matrix_norm(A.detach().float()).max()) if A.numel() else 0.0
     return not bound + b <= FP32_MAX_CONDITION * b  # NaN/Inf: float64 too (the check names it)
 
 
@@ -49,7 +49,7 @@ def regularized_inverse(A: torch.Tensor, beta, backend: str | None = "auto", nam
     (``needs_float64``) is inverted in float64 and rounded, never returned silently wrong."""
     if needs_float64(A, beta):
         return regularized_inverse(A.double(), beta, backend, names).float()
-    name = registry.resolve("regularized_inverse", backend, A.device, A.dtype)
+    name = registry.resolve("regularized_inverse", backend, A.device, A.dtype, A.shape[-1])
     joined = None if names is None else library.NAME_SEPARATOR.join(map(str, names))
     if torch.is_tensor(beta):
         return library.regularized_inverse(A, 0.0, beta, True, joined, name)

@@ -1,19 +1,34 @@
 """Kernel launches of this package go through ``launch`` so that the AOT report
-(``aot.py``) can record the exact arguments and meta-parameters the launchers pick, and
-compile those configurations for a GPU target without a GPU."""
+(``compile_report.py``) can record the exact arguments and meta-parameters the launchers
+pick, and compile those configurations for a GPU target without a GPU."""
 from __future__ import annotations
 
 import contextlib
 
+import torch
+
 _recorded: list | None = None
 
 
+def _device_guard(args):
+    """``torch.cuda.device`` of the first CUDA tensor among ``args``: Triton launches on the
+    *current* device, so a ``cuda:1`` tensor with ``cuda:0`` current would be read through
+    the wrong context (the CUDA binding guards the same way). A no-op for CPU tensors."""
+    for arg in args:
+        device = getattr(arg, "device", None)
+        if isinstance(device, torch.device) and device.type == "cuda":
+            return torch.cuda.device(device)
+    return contextlib.nullcontext()
+
+
 def launch(kernel, grid, *args, **meta) -> None:
-    """``kernel[grid](*args, **meta)``, or record the call inside ``recording()``."""
+    """``kernel[grid](*args, **meta)`` on the device of its tensors, or record the call
+    inside ``recording()``."""
     if _recorded is not None:
         _recorded.append((kernel, grid, args, meta))
         return
-    kernel[grid](*args, **meta)
+    with _device_guard(args):
+        kernel[grid](*args, **meta)
 
 
 @contextlib.contextmanager

@@ -1,0 +1,83 @@
+"""`unidd-fast doctor`: every backend of every fused op against float64, on the CPU here;
+a backend returning wrong values fails its rows; measured times steer `auto` on CUDA."""
+import json
+
+import pytest
+import torch
+
+from unidd_fast import cli, doctor
+from unidd_fast.kernels import composite, registry
+
+
+def test_doctor_json_lists_every_op_and_backend(tmp_path, capsys):
+    out = tmp_path / "doctor.json"
+    assert cli.main(["doctor", "--device", "cpu", "--arch", "convnet", "--image-size", "8", "--batch", "2",
+                     "--repeats", "1", "--backends", "torch", "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert [r["op"] for r in report["results"]] == list(doctor.OPS)  
+    assert all(r["passed"] and r["backend"] == "torch" and r["median_s"] > 0 and 0 < r["error"] < 1e-3
+               for r in report["results"])
+    assert report["shapes"] == [[2, 128, 8, 8], [2, 128, 4, 4], [2, 128, 2, 2]]
+    assert "regularized_inverse" in capsys.readouterr().out
+
+
+def test_doctor_runs_triton_in_the_interpreter():
+    report = doctor.run("cpu", shapes=[(2, 9, 3, 2)], repeats=1)
+    rows = {(r["op"], r["backend"]): r for r in report["results"]}
+    assert {b for _, b in rows} == {"torch", "triton"}
+    assert all(r["passed"] for r in rows.values()), [r["failure"] for r in rows.values()]
+
+
+def off_by_one_percent(feat):
+    psi, mu, pooled = composite.site_stats(feat)
+    return psi * 1.01, mu, pooled
+
+
+def raising_inverse(A, beta, names=None, check=True):
+    raise RuntimeError("injected launch failure")
+
+
+def test_a_wrong_or_raising_backend_fails_its_rows(monkeypatch):
+    faulty = registry.Backend("faulty", lambda: True, "", lambda device: True, "",
+                              {"site_stats": (__name__, "off_by_one_percent"),
+                               "site_stats_grad": (".composite", "site_stats_grad"),
+                               "regularized_inverse": (__name__, "raising_inverse")})
+    monkeypatch.setitem(registry.BACKENDS, "faulty", faulty)
+    report = doctor.run("cpu", shapes=[(3, 6, 2, 2)], repeats=1, backends=["torch", "faulty"])
+    rows = {(r["op"], r["backend"]): r for r in report["results"]}
+    assert not rows["site_stats", "faulty"]["passed"] and rows["site_stats", "faulty"]["error"] > 1e-3
+    assert "injected launch failure" in rows["regularized_inverse", "faulty"]["failure"]
+    assert rows["site_stats_grad", "faulty"]["passed"]
+    assert all(r["passed"] for (op, b), r in rows.items() if b == "torch")
+    assert doctor.measured_timings(report)["site_stats"].keys() == {"torch"}
+
+
+def test_measured_times_steer_auto_on_cuda(monkeypatch, tmp_path):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setattr(registry, "triton_available", lambda: True)
+    monkeypatch.setattr(registry, "cuda_extension_available", lambda: False)
+    key = {"device": "Fake GPU", "torch": torch.__version__, "triton": "x", "extension": None}
+    monkeypatch.setattr(registry, "environment_key", lambda device: key)
+    registry._load_timings.cache_clear()
+    registry.measured_order.cache_clear()
+    assert registry.resolve("site_stats", "auto", "cuda") == "triton"  # nothing measured: prediction order
+    assert registry.resolve("regularized_inverse", "auto", "cuda", torch.float32, 2048) == "torch"  # large width
+    path = registry.save_timings(key, {"site_stats": {"triton": 2e-3, "torch": 1e-3}})
+    assert path.parent == tmp_path / "unidd_fast"
+    assert registry.resolve("site_stats", "auto", "cuda") == "torch"
+    path.write_text("{not json")  # a damaged cache is ignored
+    registry._load_timings.cache_clear()
+    registry.measured_order.cache_clear()
+    assert registry.resolve("site_stats", "auto", "cuda") == "triton"
+    registry._load_timings.cache_clear()
+    registry.measured_order.cache_clear()
+
+
+def test_doctor_bad_arguments_exit_2(capsys):
+    assert cli.main(["doctor", "--device", "cpu", "--batch", "0"]) == 2
+    assert "--batch" in capsys.readouterr().err
+    assert cli.main(["doctor", "--device", "cpu", "--backends", "torch,fast"]) == 2
+    assert "unknown backends ['fast']" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        assert cli.main(["doctor", "--device", "cuda"]) == 2
+        assert "no CUDA device" in capsys.readouterr().err
