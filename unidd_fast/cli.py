@@ -65,6 +65,9 @@ def _stage_parser(sub, name: str):
                    help="recover: capture the step as a CUDA graph once per class-batch shape and replay it "
                         "(auto: on for CUDA)")
     p.add_argument("--compile", action="store_true", default=None, help="recover: torch.compile the teacher")
+    p.add_argument("--strict", action="store_true", default=None,
+                   help="recover: a fused-op backend that fails the pre-flight check is an error "
+                        "(default: warn and use the torch backend)")
     p.add_argument("--teacher", metavar="FILE", help="teacher.safetensors written by squeeze")
     p.add_argument("--stats", metavar="FILE", help="stats.safetensors written by stats")
     p.add_argument("--teacher-checkpoint", metavar="FILE",
@@ -123,7 +126,7 @@ def resolve_config(args):
     flags = {"data.data": args.data, "ipc": args.ipc, "seeds": args.seeds, "recover.iterations": args.iterations,
              "device": args.device, "model.arch": args.arch, "recover.loss": args.loss,
              "recover.precision": args.precision, "recover.cuda_graphs": args.cuda_graphs,
-             "recover.compile": args.compile}
+             "recover.compile": args.compile, "recover.strict": args.strict}
     for key, value in flags.items():
         if value is not None:
             config.set_value(cfg, key, value)

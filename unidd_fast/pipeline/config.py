@@ -87,6 +87,7 @@ class RecoverConfig:
     precision: str = "auto"     # teacher forward/backward: fp32 | bf16 autocast; auto = bf16 on CUDA, fp32 on CPU
     cuda_graphs: str = "auto"   # capture the step once per class-batch shape, then replay: auto (on for CUDA) | on | off
     compile: bool = False       # torch.compile the teacher's forward
+    strict: bool = False        # a fused-op backend failing the pre-flight check is an error, not a fallback to torch
 
 
 @dataclass

@@ -35,6 +35,7 @@ from ..loss import CFMLoss
 from ..progress import progress
 from ..real_stats import RealStats, atomic_write
 from ..regularizer import Regularizer
+from . import preflight
 from .augment import Augment, make_augment
 from .checkpoint import RecoverCheckpoint
 from .checks import check_ipc, check_provenance, check_stats, check_teacher
@@ -350,6 +351,12 @@ def run(cfg: Config, out: RunDir, teacher_path, stats_path=None, allow_stats_mis
     inputs = {"teacher": teacher_path, "stats": stats_path if cfg.recover.loss == "cfm" else None}
     if (done := out.start("recover", cfg, inputs)) is not None:
         return done
+    fallbacks = []
+    if cfg.recover.loss == "cfm":
+        backend, fallbacks = preflight.check_backends(
+            model, (data.channels, data.image_size, data.image_size), min(cfg.recover.batch_size, data.num_classes),
+            device, cfg.recover.backend, cfg.recover.sites, cfg.recover.strict, out.log)
+        cfg = dataclasses.replace(cfg, recover=dataclasses.replace(cfg.recover, backend=backend))
     many = len(cfg.ipc) * len(cfg.seeds) > 1
     sets = []
     for ipc in cfg.ipc:
@@ -360,6 +367,6 @@ def run(cfg: Config, out: RunDir, teacher_path, stats_path=None, allow_stats_mis
     artifacts = {"teacher": str(teacher_path), "distilled": sets}
     if stats_path:
         artifacts["stats"] = str(stats_path)
-    results = {"sets": sets, "artifacts": artifacts}
+    results = {"sets": sets, "artifacts": artifacts, "fallbacks": fallbacks}
     out.finish(results)
     return results
