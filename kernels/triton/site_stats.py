@@ -14,7 +14,8 @@ Forward, two launches:
   2. ``_site_stats_finalize_kernel``, grid (nb, nb): sums the chunk partials,
      Ψ = S/N − m mᵀ with m = μ − K, μ = K + m.
 Backward, one launch (``_site_stats_bwd_kernel``, grid (n, hw-blocks, nb)):
-  dX = (1/N)(X − μ)(G + Gᵀ) + dμ/N + dpooled[sample]/(h·w), in the layout and dtype of X.
+  dX = (X − μ) S + dμ/N + dpooled[sample]/(h·w) with S = (G + Gᵀ)/N formed once on the
+  host side (one d×d op), in the layout and dtype of X.
 """
 from __future__ import annotations
 
@@ -42,11 +43,12 @@ def block_d(d: int) -> int:
 
 
 def dot_precision(dtype: torch.dtype) -> str:
-    """fp64: exact fp64 dot. fp32 input: 3xTF32 (fp32-accurate on tensor cores). fp16/bf16
-    input: TF32 on the centred fp32 values (10-bit mantissa, finer than the input's own)."""
-    if dtype == torch.float64:
-        return "ieee"
-    return "tf32x3" if dtype == torch.float32 else "tf32"
+    """fp64: exact fp64 dot. Every other input: 3xTF32 (fp32-accurate on tensor cores). A
+    single TF32 pass is not enough for fp16/bf16 input either: the dot's operands are the
+    *centred* fp32 values x − K, which need more than TF32's 10 mantissa bits, and the
+    fp32 → TF32 conversion of the MMA inputs drops the low bits (a bias of one sign on the
+    diagonal of Ψ, summed over n·h·w rows) instead of rounding them."""
+    return "ieee" if dtype == torch.float64 else "tf32x3"
 
 
 def config(dtype: torch.dtype, d: int) -> dict:
@@ -148,13 +150,11 @@ def _site_stats_bwd_kernel(x_ptr, mu_ptr, g_ptr, dmu_ptr, dpooled_ptr, dx_ptr,
         x = tl.load(x_ptr + base + rows[:, None] * stride_p + ci[None, :] * stride_c, mask=mask_x, other=0)
         mu = tl.load(mu_ptr + ci, mask=mi, other=0)
         xc = tl.where(mask_x, x.to(ACC) - mu[None, :], 0)
-        mask_g = mi[:, None] & mj[None, :]
-        g_sym = (tl.load(g_ptr + ci[:, None] * d + cj[None, :], mask=mask_g, other=0)
-                 + tl.load(g_ptr + cj[None, :] * d + ci[:, None], mask=mask_g, other=0))
+        g_sym = tl.load(g_ptr + ci[:, None] * d + cj[None, :], mask=mi[:, None] & mj[None, :], other=0)
         acc = tl.dot(xc, g_sym, acc, input_precision=DOT_PRECISION)
     dmu = tl.load(dmu_ptr + cj, mask=mj, other=0)
     dpooled = tl.load(dpooled_ptr + s * d + cj, mask=mj, other=0)
-    dx = (acc + dmu[None, :]) / N + dpooled[None, :] / HW
+    dx = acc + dmu[None, :] / N + dpooled[None, :] / HW
     out = dx_ptr + s.to(tl.int64) * dx_stride_n + rows[:, None] * dx_stride_p + cj[None, :] * dx_stride_c
     tl.store(out, dx.to(dx_ptr.dtype.element_ty), mask=mr[:, None] & mj[None, :])
 
@@ -223,7 +223,9 @@ def site_stats_backward(feat, mu, dpsi, dmu, dpooled):
     HW = h * w
     cfg = config(feat.dtype, d)
     dt = mu.dtype
-    dpsi, dmu, dpooled = (t.to(dt).contiguous() for t in (dpsi, dmu, dpooled))
+    dmu, dpooled = (t.to(dt).contiguous() for t in (dmu, dpooled))
+    # S = (G + Gᵀ)/N formed once here, not re-read as G and Gᵀ by every (sample, row-tile) program
+    dpsi = ((dpsi.to(dt) + dpsi.to(dt).T) / (n * HW)).contiguous()
     dx = torch.empty_like(feat)
     sn, sc, _, sp = feat.stride()
     dsn, dsc, _, dsp = dx.stride()  # empty_like keeps a dense layout, else gives NCHW
