@@ -6,6 +6,10 @@ replayed CUDA graph; totals give the predicted CFM overhead over the bare teache
 over SRe2L. Nothing here is measured on a GPU.
 
     python bench/roofline_step.py [--dtype bf16|fp32] [--markdown]
+
+Geometries: ResNet-18 at class-batch 100, 200 and 500, ResNet-50 at 500 (224 px). Inverses of
+width >= 1024 (ResNet-50's 1024 and 2048) are modelled on cuSOLVER, which ``auto`` picks there
+(``kernels/registry.py`` LARGE_WIDTH), the narrower ones on the CUDA extension.
 """
 from __future__ import annotations
 
@@ -14,10 +18,12 @@ import math
 import torch
 import torchvision
 
-from bench_cuda_roofline import inverse_model
+from bench_cuda_roofline import cusolver_model, inverse_model
 from common import prediction_args, report
 from roofline import ELEM, HBM, PEAK, reg_inverse_bwd, site_stats_bwd, site_stats_fwd, term
 from sites import site_shapes
+
+from unidd_fast.kernels.registry import LARGE_WIDTH
 
 LAUNCH_GAP_S = 1.0e-6  # ASSUMPTION: gap between two kernels of a replayed CUDA graph
 
@@ -61,20 +67,23 @@ def teacher_layers(model, image: int, batch: int, dtype: str) -> list[dict]:
             fwd, bwd = (0, (n_in + n_out) * e), (0, (n_in + n_out) * e)
         layers.append({"layer": kind, "fwd": fwd, "bwd": bwd})
     for module in model.modules():  # residual additions: out += identity, and its gradient fan-in
-        if isinstance(module, torchvision.models.resnet.BasicBlock):
-            n = batch * module.conv2.out_channels * math.prod(
-                next(o for m, _, o in shapes if m is module.bn2)[1:])
+        last_bn = {torchvision.models.resnet.BasicBlock: "bn2", torchvision.models.resnet.Bottleneck: "bn3"}.get(
+            type(module))
+        if last_bn is not None:
+            bn = getattr(module, last_bn)
+            n = batch * bn.num_features * math.prod(next(o for m, _, o in shapes if m is bn)[1:])
             layers.append({"layer": "residual add", "fwd": (0, 3 * n * e), "bwd": (0, 3 * n * e)})
     return layers
 
 
-def full_step(image: int, batch: int, dtype: str) -> list[dict]:
-    """Rows of one recover step of ResNet-18 at ``image``² and class-batch ``batch``: the
+def full_step(image: int, batch: int, dtype: str, arch: str = "resnet18") -> list[dict]:
+    """Rows of one recover step of ``arch`` at ``image``² and class-batch ``batch``: the
     teacher (forward + input backward, per-layer roofline), augmentation, Adam + clip, the
     CFM loss with the backends ``auto`` picks on CUDA (Triton statistics, CUDA inverse),
     the SRe2L BN loss fused to one read forward and one read + one write backward (its
     ideal), and the kernel launch gaps of a replayed CUDA graph."""
-    model = torchvision.models.resnet18()
+    model = getattr(torchvision.models, arch)()
+    title = {"resnet18": "ResNet-18", "resnet50": "ResNet-50"}[arch]
     layers = teacher_layers(model, image, batch, dtype)
     peak = PEAK["bf16"] if dtype == "bf16" else PEAK["tf32"]
     rows = []
@@ -87,7 +96,7 @@ def full_step(image: int, batch: int, dtype: str) -> list[dict]:
     for direction in ("fwd", "bwd"):
         t = sum(max(l[direction][0] / peak, l[direction][1] / HBM) for l in layers)
         flops, nbytes = sum(l[direction][0] for l in layers), sum(l[direction][1] for l in layers)
-        add("teacher", f"ResNet-18 {direction} ({len(layers)} layers)", flops, nbytes, len(layers))
+        add("teacher", f"{title} {direction} ({len(layers)} layers)", flops, nbytes, len(layers))
         rows[-1]["predicted_us"] = t * 1e6  # per-layer roofline: each layer its own bound
     pixels = batch * 3 * image * image
     add("update", "augment (affine grid + grid_sample, fwd + bwd)", 0, pixels * 4 * 4, 4)
@@ -102,9 +111,13 @@ def full_step(image: int, batch: int, dtype: str) -> list[dict]:
             r = fn(n, d, h, w, dtype)
             add("cfm", f"{name} {n}x{d}x{h}x{w} ×{count}", count * r["flops"], count * r["bytes"], 2 * count)
             rows[-1]["predicted_us"] = count * r["predicted_us"]
-    inv = inverse_model([v[1] for v in sites.values()])
-    add("cfm", f"inverse fwd, batched (CUDA), {len(sites)} sites", inv["flops"], inv["bytes"], inv["launches"])
-    rows[-1]["predicted_us"], rows[-1]["bound"] = inv["predicted_us"], "latency"
+    ds = [v[1] for v in sites.values()]
+    for label, model_fn, group in (("batched (CUDA)", inverse_model, [d for d in ds if d < LARGE_WIDTH]),
+                                   ("cuSOLVER (torch)", cusolver_model, [d for d in ds if d >= LARGE_WIDTH])):
+        if group:
+            inv = model_fn(group)
+            add("cfm", f"inverse fwd, {label}, {len(group)} sites", inv["flops"], inv["bytes"], inv["launches"])
+            rows[-1]["predicted_us"], rows[-1]["bound"] = inv["predicted_us"], "latency"
     c = 1000  # ImageNet classes: Φ is d × c
     for d, group in sorted(widths.items()):
         k = len(group)
@@ -133,16 +146,17 @@ def step_totals(rows: list[dict], label: str) -> dict:
     return {"geometry": label, "teacher_us": by["teacher"][0], "update_us": by["update"][0],
             "cfm_us": by["cfm"][0], "sre2l_us": by["sre2l"][0], "launch_gaps_us": sum(gaps.values()),
             "bare_step_us": bare, "cfm_step_us": cfm, "sre2l_step_us": sre2l,
-            "cfm_overhead_vs_bare": cfm / bare, "cfm_vs_sre2l": cfm / sre2l}
+            "cfm_overhead_vs_bare": cfm / bare, "cfm_vs_sre2l": cfm / sre2l,
+            "cfm_share_of_step": (cfm - bare) / cfm}
 
 
 def main(argv=None):
     args = prediction_args(__doc__, argv)
     dtype = args.dtype
     step_rows, step_sums = [], []
-    for batch in (100, 200):
-        label = f"ImageNet 224 b{batch}"
-        rows_b = full_step(224, batch, dtype)
+    for arch, batch in (("resnet18", 100), ("resnet18", 200), ("resnet18", 500), ("resnet50", 500)):
+        label = f"{arch} ImageNet 224 b{batch}"
+        rows_b = full_step(224, batch, dtype, arch)
         step_rows += [{"geometry": label, **r} for r in rows_b]
         step_sums.append(step_totals(rows_b, label))
     print()
@@ -163,12 +177,12 @@ def print_step_markdown(rows, sums, dtype):
         print(f"| {r['geometry']} | {r['part']} | {r['name']} | {r['flops'] / 1e9:.1f} | {r['bytes'] / 1e6:.0f} | "
               f"{r['t_compute_us']:.0f} | {r['t_memory_us']:.0f} | {r['predicted_us']:.0f} | {r['bound']} |")
     print(f"\n| geometry ({dtype}) | teacher µs | update µs | CFM µs | SRe2L µs | launch gaps µs | bare step µs "
-          "| CFM step µs | CFM / bare | CFM / SRe2L |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+          "| CFM step µs | CFM / bare | CFM / SRe2L | CFM share |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for t in sums:
         print(f"| {t['geometry']} | {t['teacher_us']:.0f} | {t['update_us']:.0f} | {t['cfm_us']:.0f} | "
               f"{t['sre2l_us']:.0f} | {t['launch_gaps_us']:.0f} | {t['bare_step_us']:.0f} | {t['cfm_step_us']:.0f} | "
-              f"{t['cfm_overhead_vs_bare']:.2f}× | {t['cfm_vs_sre2l']:.2f}× |")
+              f"{t['cfm_overhead_vs_bare']:.2f}× | {t['cfm_vs_sre2l']:.2f}× | {100 * t['cfm_share_of_step']:.1f} % |")
 
 
 if __name__ == "__main__":
