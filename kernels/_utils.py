@@ -28,6 +28,26 @@ def capturing(t: torch.Tensor) -> bool:
     return t.is_cuda and torch.cuda.is_current_stream_capturing()
 
 
+# fp32 holds (A + βI)^-1 to about κ·2^-24 relative, κ = (λmax + β)/β; beyond this κ (≈ 6e-4
+# relative; a rank-deficient Ψ with λmax = 100 at β = 1e-4 has κ = 1e6 and an fp32 inverse
+# off by percents with info = 0) the inverse is computed in float64 and rounded to fp32.
+FP32_MAX_CONDITION = 1e4
+
+
+def needs_float64(A: torch.Tensor, beta) -> bool:
+    """Whether (A + βI)^-1 of symmetric PSD A (..., d, d), computed in fp32, could lose more
+    than FP32_MAX_CONDITION·2^-24 relative: λmax ≤ ‖A‖_F bounds κ from above (one host sync).
+    While a CUDA graph is captured nothing can be read on the host and β may change between
+    replays, so fp32 input is always promoted there (exact whatever β_t becomes)."""
+    if acc_dtype(A.dtype) != torch.float32:
+        return False
+    if capturing(A):
+        return True
+    b = float(beta)
+    bound = float(torch.linalg.matrix_norm(A.detach().float()).max()) if A.numel() else 0.0
+    return not bound + b <= FP32_MAX_CONDITION * b  # NaN/Inf: float64 too (the check names it)
+
+
 def check_cholesky_info(info: torch.Tensor, beta, names=None) -> None:
     """Raise NotPositiveDefiniteError if any factorisation failed (skipped under CUDA-graph
     capture, where the check would need a host synchronisation)."""

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from . import registry
-from ._utils import acc_dtype, inverse_backward
+from ._utils import acc_dtype, inverse_backward, needs_float64
 
 NAME_SEPARATOR = "\x1f"  # custom ops take no list of strings: site names travel joined
 
@@ -70,11 +70,16 @@ def regularized_inverse(A: torch.Tensor, beta: float, beta_tensor: torch.Tensor 
                         names: str | None, backend: str) -> torch.Tensor:
     """(A + βI)^-1 of symmetric A (..., d, d) in ``acc_dtype(A.dtype)``; β is ``beta_tensor``
     (a 0-d device tensor: CUDA-graph safe) when given, else ``beta``. ``check``: raise
-    NotPositiveDefiniteError naming ``names`` (joined by NAME_SEPARATOR) on a failed factorisation."""
-    impl = registry.implementation("regularized_inverse", backend, A.device, A.dtype)
+    NotPositiveDefiniteError naming ``names`` (joined by NAME_SEPARATOR) on a failed factorisation.
+    fp32 input that fp32 cannot invert accurately (``needs_float64``) is inverted in float64."""
     labels = None if names is None else names.split(NAME_SEPARATOR)
+    beta = beta if beta_tensor is None else beta_tensor
     with torch.no_grad():
-        return impl(A, beta if beta_tensor is None else beta_tensor, names=labels, check=check).contiguous()
+        if needs_float64(A, beta):  # decided here, inside the op: torch.compile traces no host read
+            impl = registry.implementation("regularized_inverse", backend, A.device, torch.float64)
+            return impl(A.double(), beta, names=labels, check=check).to(acc_dtype(A.dtype)).contiguous()
+        impl = registry.implementation("regularized_inverse", backend, A.device, A.dtype)
+        return impl(A, beta, names=labels, check=check).contiguous()
 
 
 @regularized_inverse.register_fake

@@ -6,6 +6,7 @@ import torch
 
 import unidd_fast as uf
 from unidd_fast.errors import ConfigError, NotPositiveDefiniteError
+from unidd_fast.kernels._utils import needs_float64
 
 SHAPES = [(3, 5, 4, 3), (2, 24, 7, 5), (5, 13, 1, 1), (1, 40, 3, 2)]
 
@@ -97,7 +98,7 @@ def test_small_beta_fp32_is_computed_exactly(beta, backend, gen):
     want = torch.linalg.inv(psi + beta * torch.eye(40, dtype=psi.dtype))
     naive = torch.cholesky_inverse(torch.linalg.cholesky(psi.float() + beta * torch.eye(40))).double()
     assert (naive - want).norm() / want.norm() > 1e-3  # the failure the promotion prevents
-    assert uf.ops.needs_float64(psi.float(), beta) and not uf.ops.needs_float64(psi.float(), 0.1)
+    assert needs_float64(psi.float(), beta) and not needs_float64(psi.float(), 0.1)
     got = uf.regularized_inverse(psi.float(), beta, backend=backend)
     assert got.dtype == torch.float32
     assert (got.double() - want).norm() / want.norm() < 1e-6

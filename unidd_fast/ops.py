@@ -9,26 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from .kernels import library, registry
-from .kernels._utils import acc_dtype, capturing
-
-# fp32 holds (A + βI)^-1 to about κ·2^-24 relative, κ = (λmax + β)/β; beyond this κ (≈ 6e-4
-# relative; a rank-deficient Ψ with λmax = 100 at β = 1e-4 has κ = 1e6 and an fp32 inverse
-# off by percents with info = 0) the inverse is computed in float64 and rounded to fp32.
-FP32_MAX_CONDITION = 1e4
-
-
-def needs_float64(A: torch.Tensor, beta) -> bool:
-    """Whether (A + βI)^-1 of symmetric PSD A (..., d, d), computed in fp32, could lose more
-    than FP32_MAX_CONDITION·2^-24 relative: λmax ≤ ‖A‖_F bounds κ from above (one host sync).
-    While a CUDA graph is captured nothing can be read on the host and β may change between
-    replays, so fp32 input is always promoted there (exact whatever β_t becomes)."""
-    if acc_dtype(A.dtype) != torch.float32:
-        return False
-    if capturing(A):
-        return True
-    b = float(beta)
-    bound = float(torch.linalg.matrix_norm(A.detach().float()).max()) if A.numel() else 0.0
-    return not bound + b <= FP32_MAX_CONDITION * b  # NaN/Inf: float64 too (the check names it)
+from .kernels._utils import acc_dtype
 
 
 def site_stats(feat: torch.Tensor, backend: str | None = "auto"):
@@ -46,9 +27,8 @@ def regularized_inverse(A: torch.Tensor, beta, backend: str | None = "auto", nam
     """(A + βI)^-1 for symmetric positive semi-definite A (..., d, d), by Cholesky; β a float or a
     0-d tensor (read on the device). NotPositiveDefiniteError names ``names[i]`` on failure.
     Output in ``acc_dtype(A.dtype)``; fp32 input whose κ = (λmax + β)/β fp32 cannot hold
-    (``needs_float64``) is inverted in float64 and rounded, never returned silently wrong."""
-    if needs_float64(A, beta):
-        return regularized_inverse(A.double(), beta, backend, names).float()
+    (``kernels._utils.needs_float64``) is inverted in float64 and rounded, never returned
+    silently wrong."""
     name = registry.resolve("regularized_inverse", backend, A.device, A.dtype, A.shape[-1])
     joined = None if names is None else library.NAME_SEPARATOR.join(map(str, names))
     if torch.is_tensor(beta):
