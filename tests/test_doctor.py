@@ -6,7 +6,9 @@ import pytest
 import torch
 
 from unidd_fast import cli, doctor
-from unidd_fast.kernels import composite, registry
+from unidd_fast.kernels import registry
+
+import _faults
 
 
 def test_doctor_json_lists_every_op_and_backend(tmp_path, capsys):
@@ -28,21 +30,8 @@ def test_doctor_runs_triton_in_the_interpreter():
     assert all(r["passed"] for r in rows.values()), [r["failure"] for r in rows.values()]
 
 
-def off_by_one_percent(feat):
-    psi, mu, pooled = composite.site_stats(feat)
-    return psi * 1.01, mu, pooled
-
-
-def raising_inverse(A, beta, names=None, check=True):
-    raise RuntimeError("injected launch failure")
-
-
 def test_a_wrong_or_raising_backend_fails_its_rows(monkeypatch):
-    faulty = registry.Backend("faulty", lambda: True, "", lambda device: True, "",
-                              {"site_stats": (__name__, "off_by_one_percent"),
-                               "site_stats_grad": (".composite", "site_stats_grad"),
-                               "regularized_inverse": (__name__, "raising_inverse")})
-    monkeypatch.setitem(registry.BACKENDS, "faulty", faulty)
+    _faults.install(monkeypatch)
     report = doctor.run("cpu", shapes=[(3, 6, 2, 2)], repeats=1, backends=["torch", "faulty"])
     rows = {(r["op"], r["backend"]): r for r in report["results"]}
     assert not rows["site_stats", "faulty"]["passed"] and rows["site_stats", "faulty"]["error"] > 1e-3

@@ -8,28 +8,15 @@ import torch
 from safetensors.torch import load_file
 
 from unidd_fast.cli import main
-from unidd_fast.kernels import composite, registry
 from unidd_fast.pipeline import preflight
 
+import _faults
 from _tiny_runs import squeeze_and_stats
-
-
-def off_by_one_percent(feat):
-    psi, mu, pooled = composite.site_stats(feat)
-    return psi * 1.01, mu, pooled
-
-
-def raising_inverse(A, beta, names=None, check=True):
-    raise RuntimeError("injected launch failure")
 
 
 @pytest.fixture
 def faulty(monkeypatch):
-    backend = registry.Backend("faulty", lambda: True, "", lambda device: True, "",
-                               {"site_stats": (__name__, "off_by_one_percent"),
-                                "site_stats_grad": (".composite", "site_stats_grad"),
-                                "regularized_inverse": (__name__, "raising_inverse")})
-    monkeypatch.setitem(registry.BACKENDS, "faulty", backend)
+    _faults.install(monkeypatch)
 
 
 def test_check_backends_on_a_model(faulty):
