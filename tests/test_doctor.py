@@ -2,7 +2,6 @@
 a backend returning wrong values fails its rows; measured times steer `auto` on CUDA."""
 import json
 
-import pytest
 import torch
 
 from unidd_fast import cli, doctor
