@@ -254,9 +254,15 @@ def test_bn_buffer_stats_from_model_and_checkpoint(gen, tmp_path):
     loaded = uf.RealStats.load(out)
     torch.testing.assert_close(loaded["4"].psi, direct["4"].psi)
     # the SRe2L baseline's statistics carry no class correlation: CFM's class signal refuses them
-    with pytest.raises(StatsMismatchError, match="unidd-fast stats"):
-        sre2l.cfm_hooks(model, loaded, signal="class", state=sre2l.CFMState())
+    assert loaded.provenance == {"source": "bn_buffers"}
+    with pytest.raises(ConfigError, match="signal='mean'.*not SRe2L's BN loss"):
+        sre2l.cfm_hooks(model, loaded, state=sre2l.CFMState())
     assert pre_hook_count(model) == 0
+    hooks = sre2l.cfm_hooks(model, loaded, signal="mean", state=sre2l.CFMState())
+    hooks.set_targets(torch.tensor([0, 1]))
+    model(torch.randn(2, 3, 5, 5, generator=gen))
+    assert torch.isfinite(sum(h.r_feature for h in hooks))
+    hooks.close()
     bad = {k: v for k, v in model.state_dict().items() if not k.startswith("4.")}
     with pytest.raises(StatsMismatchError, match=r"\['4'\]"):
         sre2l.bn_buffer_stats(model, bad)
@@ -288,3 +294,66 @@ def test_state_file_continues_a_run_split_by_ipc_range(gen, tmp_path):
         sre2l.CFMState().save(tmp_path / "empty.safetensors")
     with pytest.raises(StatsFileError, match="does not exist"):
         sre2l.CFMState.load(tmp_path / "missing.safetensors")
+
+
+def test_curriculum_total_is_the_whole_run_not_the_ipc_range(gen):
+    model = teacher()
+    stats = make_stats(model, gen)
+    hooks = sre2l.cfm_hooks(model, stats, beta=0.4, state=sre2l.CFMState(), curriculum_total=50)
+    for ipc_id in (20, 29):  # a process given --ipc-start 20 --ipc-end 30 of a 50-ipc run
+        hooks.set_curriculum(ipc_id)
+        assert hooks.cfm.beta_t == pytest.approx(uf.beta_schedule(0.4, ipc_id, 50))
+    with pytest.raises(ConfigError, match="not the end of this process's ipc range"):
+        hooks.set_curriculum(20, 30)
+    hooks.set_curriculum(20, 50)  # the same T, given explicitly, is fine
+    with pytest.raises(ConfigError, match="global ipc id"):
+        hooks.set_curriculum(51)
+    hooks.close()
+    hooks = sre2l.cfm_hooks(model, stats, beta=0.4, state=sre2l.CFMState())
+    with pytest.raises(ConfigError, match="curriculum_total"):
+        hooks.set_curriculum(3)
+    hooks.close()
+    with pytest.raises(ConfigError, match="positive int"):
+        sre2l.cfm_hooks(model, stats, curriculum_total=0)
+    assert pre_hook_count(model) == 0
+
+
+def test_last_holds_the_per_site_terms(gen):
+    model = teacher()
+    stats = make_stats(model, gen)
+    hooks = sre2l.cfm_hooks(model, stats, beta=0.2, eta=0.1, state=sre2l.CFMState(), backend="torch")
+    assert hooks.cfm.last == {}
+    hooks.set_targets(torch.tensor([0, 1, 2]))
+    model(torch.randn(3, 3, 6, 6, generator=gen, dtype=torch.float64))
+    terms = {h.name: h.r_feature for h in hooks}
+    last = hooks.cfm.last
+    assert set(last["sites"]) == set(terms)
+    for name, (f, sig) in last["sites"].items():
+        torch.testing.assert_close(0.1 * (f + sig), terms[name].detach(), rtol=1e-12, atol=0)
+    torch.testing.assert_close(last["filter"] + last["signal"], sum(terms.values()).detach() / 0.1,
+                               rtol=1e-12, atol=0)
+    hooks.close()
+
+
+def test_stats_through_dataparallel_are_named_as_the_plain_network(gen, tmp_path):
+    """SRe2L holds the teacher as nn.DataParallel(model): statistics collected through the
+    wrapper and hooks on the wrapper (or on the plain model) see the same sites."""
+    inner = teacher()
+    data = [(torch.randn(6, 3, 7, 7, generator=gen, dtype=torch.float64), torch.randint(0, C, (6,), generator=gen))
+            for _ in range(2)]
+    wrapped = uf.collect_real_stats(nn.DataParallel(inner), data, C)
+    plain = uf.collect_real_stats(inner, data, C)
+    assert wrapped.model_class == "Sequential" and wrapped.sites == plain.sites == ["1", "4", "7"]
+    for name in plain.sites:
+        torch.testing.assert_close(wrapped[name].psi, plain[name].psi, rtol=0, atol=0)
+    for model in (nn.DataParallel(inner), inner):
+        hooks = sre2l.cfm_hooks(model, wrapped, state=sre2l.CFMState())
+        hooks.set_targets(torch.tensor([0, 1]))
+        model(torch.randn(2, 3, 5, 5, generator=gen, dtype=torch.float64))
+        assert torch.isfinite(sum(h.r_feature for h in hooks))
+        hooks.close()
+    old = uf.RealStats({f"module.{n}": plain[n] for n in plain.sites}, {f"module.{n}": plain.shapes[n] for n in
+                       plain.sites}, "DataParallel", plain.num_images, C)
+    with pytest.raises(StatsMismatchError, match="collect them again"):
+        sre2l.cfm_hooks(nn.DataParallel(inner), old, state=sre2l.CFMState())
+    assert pre_hook_count(inner) == 0

@@ -122,3 +122,32 @@ def test_collect_errors(gen):
         uf.collect_real_stats(model, bad, C)
     with pytest.raises(ConfigError, match="no images"):
         uf.collect_real_stats(model, [], C)
+
+
+def test_batch_mean_covariance_is_the_releases(gen, tmp_path):
+    """covariance="batch_mean": Σ_b (n_b / N) cov_b of each batch's rows (what the authors'
+    release accumulates), labelled in the file; μ and Φ stay exact."""
+    model = tiny_model()
+    loader = batches(gen, [3, 5, 2], offset=2.0)
+    exact = uf.collect_real_stats(model, loader, C)
+    ours = uf.collect_real_stats(model, loader, C, covariance="batch_mean")
+    feats = []
+    hook = model[2].register_forward_pre_hook(lambda m, a: feats.append(a[0].double()))
+    with torch.no_grad():
+        for x, _ in loader:
+            model.eval()(x)
+    hook.remove()
+    total = sum(f.shape[0] for f in feats)
+    want = sum(torch.cov(f.permute(1, 0, 2, 3).reshape(f.shape[1], -1), correction=0) * f.shape[0] / total
+               for f in feats)
+    torch.testing.assert_close(ours["2"].psi, want, rtol=1e-6, atol=1e-7)
+    assert (ours["2"].psi - exact["2"].psi).abs().max() > 1e-4  # the between-batch term is gone
+    torch.testing.assert_close(ours["2"].mu, exact["2"].mu, rtol=0, atol=0)
+    torch.testing.assert_close(ours["2"].phi, exact["2"].phi, rtol=0, atol=0)
+    assert exact.provenance == {"covariance": "exact"} and ours.provenance == {"covariance": "batch_mean"}
+    ours.save(tmp_path / "s.safetensors")
+    assert uf.RealStats.load(tmp_path / "s.safetensors").provenance == {"covariance": "batch_mean"}
+    with pytest.raises(ConfigError, match="covariance must be one of"):
+        uf.collect_real_stats(model, loader, C, covariance="mean")
+    with pytest.raises(ConfigError, match="one process"):
+        uf.collect_real_stats(model, loader, C, covariance="batch_mean", distributed=True)

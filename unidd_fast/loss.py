@@ -191,8 +191,15 @@ class CFMLoss(Regularizer):
         norms = self.site_norms(targets)
         total_f = sum(fn.sum() for fn, _ in norms.values())
         total_s = sum(sn.sum() for _, sn in norms.values())
-        self.last = {"filter": total_f.detach(), "signal": total_s.detach()}
+        self._record(norms, total_f, total_s)
         return self.eta * (total_f + total_s)
+
+    def _record(self, norms, total_f, total_s) -> None:
+        """Fill ``last``: the unweighted totals ("filter", "signal") of the last call and, per
+        site, ``last["sites"][name] = (filter norm, signal norm)``, all detached."""
+        sites = {name: (fn[i].detach(), sn[i].detach())
+                 for d, (fn, sn) in norms.items() for i, name in enumerate(self.groups[d])}
+        self.last = {"filter": total_f.detach(), "signal": total_s.detach(), "sites": sites}
 
     def site_norms(self, targets: torch.Tensor, captured: dict[str, tuple] | None = None
                    ) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:

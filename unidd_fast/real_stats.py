@@ -24,9 +24,10 @@ from .errors import ConfigError, NonFiniteError, StatsFileError, StatsMismatchEr
 from .ops import as_label_matrix, site_stats
 from .profiling import annotate
 from .progress import progress
-from .sites import SiteHooks
+from .sites import SiteHooks, unwrap
 
 FORMAT = "unidd_fast.real_stats/2"  # /2: the checksum covers the metadata too
+COVARIANCES = ("exact", "batch_mean")
 
 
 @dataclass
@@ -197,9 +198,15 @@ def _parse_meta(path, raw: str) -> dict:
 
 class RealStats:
     """Real-data statistics of every site of one model, with the provenance needed to refuse
-    a mismatched use: model class, ordered site names, feature shapes, image and class counts;
-    ``provenance`` ({"teacher": {"path", "sha256"}, "dataset": {...}}, written by `unidd-fast
-    stats`) names the teacher weights and the data they were collected with."""
+    a mismatched use: model class, ordered site names, feature shapes, image and class counts.
+
+    ``provenance``: how the statistics were made, saved in the file's metadata:
+    ``{"covariance": "exact"}`` or ``{"covariance": "batch_mean"}`` (the release's average of
+    per-batch covariances; ``collect_real_stats``), ``{"source": "bn_buffers"}`` or
+    ``{"source": "release_npz"}`` (converted), and from `unidd-fast stats` also
+    ``"teacher": {"path", "sha256"}`` and ``"dataset": {...}``, the teacher weights and the
+    data they were collected with.
+    """
 
     def __init__(self, sites: dict[str, SiteStats], shapes: dict[str, tuple], model_class: str,
                  num_images: int, num_classes: int, provenance: dict | None = None):
@@ -231,7 +238,12 @@ class RealStats:
                  num_classes: int | None = None) -> None:
         """Raise StatsMismatchError if these statistics do not belong to ``model``/``sites``."""
         if model is not None:
-            name = type(getattr(model, "module", model)).__name__
+            name = type(unwrap(model)).__name__
+            if self.model_class in ("DataParallel", "DistributedDataParallel"):
+                raise StatsMismatchError(
+                    f"these statistics were collected through an nn.{self.model_class} wrapper (site names "
+                    "'module.…'), by a version that did not unwrap it: collect them again, wrapped or not "
+                    "(collect_real_stats now records the unwrapped network's names)")
             if name != self.model_class:
                 raise StatsMismatchError(
                     f"statistics were collected on a {self.model_class}, not a {name}: run "
@@ -325,16 +337,31 @@ def merge_moments(acc: dict[str, MomentAccumulator], shapes: dict[str, tuple], n
 @annotate("stats")
 @torch.no_grad()
 def collect_real_stats(model: nn.Module, loader, num_classes: int, sites="bn", device=None,
-                       show_progress: bool | None = None, distributed: bool = False) -> RealStats:
+                       show_progress: bool | None = None, distributed: bool = False,
+                       covariance: str = "exact") -> RealStats:
     """Exact statistics of the whole ``loader`` (yielding (images, int labels)) at every site.
 
     The model runs in eval mode; its outputs give the soft-label FLC (teacher probabilities).
+    A DataParallel/DDP wrapper is removed first: the sites are named as in the plain network
+    (what ``compat.sre2l.cfm_hooks`` and CFMLoss see), and the network runs in this process.
     ``distributed=True`` (under torchrun, process group initialised): each rank reads its
     shard of the DataLoader and the moments are merged exactly, so every rank returns the
     statistics of the whole loader (see unidd_fast/distributed.py).
+
+    covariance: "exact" (default) is the covariance of all rows of the loader;
+    "batch_mean" is the authors' release's Ψ = Σ_b (rows_b / rows) Ψ_b, the average of the
+    per-batch population covariances, which drops the between-batch term and so depends on
+    the batch size and order (the release uses an unshuffled loader); μ and Φ are exact in
+    both. The choice is stored in ``provenance["covariance"]``.
     """
     if num_classes < 1:
         raise ConfigError(f"num_classes must be >= 1, got {num_classes}")
+    if covariance not in COVARIANCES:
+        raise ConfigError(f"covariance must be one of {COVARIANCES}, got {covariance!r}")
+    if covariance == "batch_mean" and distributed:
+        raise ConfigError("covariance='batch_mean' depends on the order of the batches: collect it in one "
+                          "process (distributed=False), or use the exact covariance")
+    model = unwrap(model)
     device = torch.device(device) if device is not None else next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -352,6 +379,7 @@ def collect_real_stats(model: nn.Module, loader, num_classes: int, sites="bn", d
     hooks = SiteHooks(model, sites, on_site)
     for name in hooks.names:
         acc[name] = MomentAccumulator()
+    batch_psi: dict[str, torch.Tensor] = {}  # covariance="batch_mean": Σ_b rows_b Ψ_b
     num_images = 0
     try:
         for step, (images, labels) in enumerate(progress(loader, desc="stats", enable=show_progress)):
@@ -368,6 +396,8 @@ def collect_real_stats(model: nn.Module, loader, num_classes: int, sites="bn", d
                                          "check the data and the teacher weights")
                 rows = pooled.shape[0] * shapes[name][1] * shapes[name][2]
                 acc[name].update(psi_b, mu_b, pooled, onehot, probs, rows)
+                if covariance == "batch_mean":
+                    batch_psi[name] = batch_psi.get(name, 0) + psi_b.double() * rows
             num_images += images.shape[0]
     finally:
         hooks.remove()
@@ -376,5 +406,8 @@ def collect_real_stats(model: nn.Module, loader, num_classes: int, sites="bn", d
         num_images = merge_moments(acc, shapes, num_images, num_classes)
     if num_images == 0:
         raise ConfigError("the loader yielded no images")
-    return RealStats({n: a.finalize(num_images) for n, a in acc.items()}, shapes,
-                     type(model).__name__, num_images, num_classes)
+    final = {n: a.finalize(num_images) for n, a in acc.items()}
+    if covariance == "batch_mean":
+        for name, site in final.items():
+            site.psi = batch_psi[name] / site.count
+    return RealStats(final, shapes, type(model).__name__, num_images, num_classes, {"covariance": covariance})

@@ -10,6 +10,13 @@ from torch import nn
 from .errors import ConfigError
 
 SITE_KINDS = ("bn", "conv")
+_WRAPPERS = (nn.DataParallel, nn.parallel.DistributedDataParallel)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The user's network inside a DataParallel / DistributedDataParallel wrapper: site names
+    and the model class recorded in statistics are always those of the unwrapped network."""
+    return model.module if isinstance(model, _WRAPPERS) else model
 
 
 def resolve_sites(model: nn.Module, sites: str | Iterable[str] = "bn") -> list[tuple[str, nn.Module]]:

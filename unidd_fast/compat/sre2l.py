@@ -1,4 +1,4 @@
-"""CFM as a drop-in for SRe2L-style recover scripts (SRe2L, CDA, G-VBSM, RDED forks).
+"""CFM as a drop-in for SRe2L-style recover scripts (SRe2L's and CDA's ``recover``).
 
 Those scripts register one ``BNFeatureHook`` per BatchNorm layer and, after the teacher's
 forward, add ``sum(mod.r_feature for mod in hooks)`` to their loss. ``cfm_hooks`` returns a
@@ -33,18 +33,10 @@ from ..errors import ConfigError, StatsFileError, StatsMismatchError
 from ..loss import CFMLoss
 from ..ops import site_stats
 from ..real_stats import RealStats, SiteStats
-from ..sites import resolve_sites
+from ..sites import resolve_sites, unwrap
 
 __all__ = ["CFMFeatureHook", "CFMHooks", "CFMState", "bn_buffer_stats", "cfm_hooks", "emu_state",
            "merge_slices"]
-
-_WRAPPERS = (nn.DataParallel, nn.parallel.DistributedDataParallel)
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    """The user's network inside a DataParallel / DistributedDataParallel wrapper."""
-    return model.module if isinstance(model, _WRAPPERS) else model
-
 
 def merge_slices(slices, device=None):
     """Exact (psi, mu, pooled) of a batch from the statistics of its slices, in batch order.
@@ -188,6 +180,7 @@ class _Engine(CFMLoss):
             parts = self._slices[name]
             merged[name] = merge_slices([parts[k] for k in sorted(parts, key=self._batch_order)], self.device)
         norms = self.site_norms(self.targets, merged)
+        self._record(norms, sum(fn.sum() for fn, _ in norms.values()), sum(sn.sum() for _, sn in norms.values()))
         return {name: self.eta * (fn[i] + sn[i])
                 for d, (fn, sn) in norms.items() for i, name in enumerate(self.groups[d])}
 
@@ -226,10 +219,11 @@ class CFMHooks(list):
     ``cfm`` is the underlying CFMLoss (``cfm.beta_t``, ``cfm.last``...); ``state`` the EMU state.
     """
 
-    def __init__(self, engine: _Engine, state: CFMState, root_handle=None):
+    def __init__(self, engine: _Engine, state: CFMState, root_handle=None, curriculum_total: int | None = None):
         super().__init__(CFMFeatureHook(engine, name, module, self) for name, module in engine.hooks.sites)
         self._own = tuple(self)
         self.cfm, self.state = engine, state
+        self.curriculum_total = curriculum_total
         self._root = root_handle
 
     def set_targets(self, targets: torch.Tensor) -> None:
@@ -238,8 +232,24 @@ class CFMHooks(list):
             raise ConfigError(f"targets must be a tensor, got {type(targets).__name__}")
         self.cfm.targets = targets.to(self.cfm.device)
 
-    def set_curriculum(self, t, T) -> None:
-        """β_t for step t of T: by default t = ipc id, T = number of ipc ids (the release)."""
+    def set_curriculum(self, t, T: int | None = None) -> None:
+        """β_t for step t of T: t = the ipc id, T = the number of ipc ids of the *whole* run.
+
+        T defaults to ``cfm_hooks(..., curriculum_total=T)``. A run split into ipc ranges
+        (SRe2L's ``--ipc-start/--ipc-end``) keeps the same T in every part: the end of this
+        part's range is not T, and a T that differs from ``curriculum_total`` is refused.
+        """
+        total = self.curriculum_total
+        if T is None and total is None:
+            raise ConfigError("set_curriculum(t) needs the curriculum length: pass cfm_hooks(..., "
+                              "curriculum_total=<ipc ids of the whole run>) or set_curriculum(t, T)")
+        if T is not None and total is not None and T != total:
+            raise ConfigError(f"set_curriculum(t, T={T}) but curriculum_total={total}: T is the number of ipc "
+                              "ids of the whole run, not the end of this process's ipc range; call "
+                              "set_curriculum(t)")
+        T = total if T is None else T
+        if not 0 <= t <= T:
+            raise ConfigError(f"curriculum step t={t} is outside [0, {T}]: t is the global ipc id")
         self.cfm.set_curriculum(t, T)
 
     def next_batch(self, batches=None) -> None:
@@ -269,19 +279,28 @@ class CFMHooks(list):
 
 def cfm_hooks(model: nn.Module, real_stats, beta: float = 0.1, sites="bn", *, eta: float = 0.1,
               signal: str = "class", filter: str = "cfm", emu: bool = True, state: CFMState | None = None,
-              **options) -> CFMHooks:
+              curriculum_total: int | None = None, **options) -> CFMHooks:
     """SRe2L-style hooks computing the CFM loss at every site of ``model``.
 
     model: the teacher, plain or wrapped in DataParallel / DistributedDataParallel.
     real_stats: a RealStats, or the path of a file written by ``unidd-fast stats``
     (``RealStats.save``). ``state``: where EMU persists (default: one state per statistics
     object/file, so rebuilding model and hooks for every ipc id keeps EMU; pass a fresh
-    ``CFMState()`` for an independent run). Other options go to :class:`~unidd_fast.CFMLoss`.
+    ``CFMState()`` for an independent run). ``curriculum_total``: the number of ipc ids of the
+    whole run (T of the β curriculum; ``hooks.set_curriculum(ipc_id)`` then needs no T).
+    Other options go to :class:`~unidd_fast.CFMLoss`.
 
     Per step: ``hooks.set_targets(y)``, ``model(x)``, ``sum(h.r_feature for h in hooks)``;
     ``hooks.next_batch()`` after each class-batch; ``hooks.close()`` at the end.
     """
     stats = _as_stats(real_stats)
+    if curriculum_total is not None and not (isinstance(curriculum_total, int) and curriculum_total > 0):
+        raise ConfigError(f"curriculum_total must be a positive int (ipc ids of the whole run), got {curriculum_total!r}")
+    if stats.provenance.get("source") == "bn_buffers" and signal != "mean":
+        raise ConfigError(
+            f"statistics from BatchNorm buffers (bn_buffer_stats) hold only μ and diag(σ²), no feature-label "
+            f"correlation: signal={signal!r} needs full statistics (`unidd-fast stats`); pass signal='mean' to "
+            "use them (CFM's filtered objective on diag(σ²) and μ, not SRe2L's BN loss)")
     device_ids = list(getattr(model, "device_ids", None) or []) if isinstance(model, nn.DataParallel) else []
     engine = _Engine(unwrap(model), stats, device_ids, beta=beta, eta=eta, signal=signal, emu=emu,
                      sites=sites, filter=filter, **options)
@@ -296,7 +315,7 @@ def cfm_hooks(model: nn.Module, real_stats, beta: float = 0.1, sites="bn", *, et
     root = None
     if isinstance(model, nn.DataParallel):
         root = model.register_forward_pre_hook(lambda module, args: engine.new_forward())
-    return CFMHooks(engine, state, root)
+    return CFMHooks(engine, state, root, curriculum_total)
 
 
 def _read_state_dict(checkpoint) -> dict[str, torch.Tensor]:
@@ -334,6 +353,9 @@ def bn_buffer_stats(model: nn.Module, checkpoint=None, num_classes: int | None =
     from the model's own modules. There is no class correlation in BN buffers: phi and
     phi_soft are NaN, so CFMLoss refuses these statistics for signal "class"/"soft".
     ``num_images`` is 0 and the recorded feature shapes are (d,) (spatial size unknown).
+    Only ``signal="mean"`` can use them, and CFM on them is its own objective,
+    ‖(diag σ² + β I)⁻¹ − (Ψ_s + β I)⁻¹‖_F + ‖(diag σ² + β I)⁻¹ μ − (Ψ_s + β I)⁻¹ μ_s‖, not SRe2L's
+    ‖σ² − σ_s²‖ + ‖μ − μ_s‖ (that one is ``pipeline.sre2l_loss``).
     """
     inner = unwrap(model)
     buffers = _read_state_dict(checkpoint) if checkpoint is not None else None
@@ -364,4 +386,4 @@ def bn_buffer_stats(model: nn.Module, checkpoint=None, num_classes: int | None =
     if missing:
         raise StatsMismatchError(f"no running_mean/running_var for BN site(s) {missing[:5]}: the checkpoint does "
                                  "not belong to this model, or its BatchNorm layers do not track running stats")
-    return RealStats(sites, shapes, type(inner).__name__, 0, num_classes)
+    return RealStats(sites, shapes, type(inner).__name__, 0, num_classes, {"source": "bn_buffers"})

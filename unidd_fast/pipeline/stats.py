@@ -89,7 +89,8 @@ def run(cfg: Config, out: RunDir, teacher_path, batch_size: int = 256, chunk_bat
         position = start + len(part)
         if here.is_main and position < len(data.train):
             save_progress(progress_file, acc, shapes, position, num_images, model_class)
-    provenance = {"teacher": {"path": str(Path(teacher_path).resolve()), "sha256": weights_sha256(teacher)},
+    provenance = {"covariance": "exact",
+                  "teacher": {"path": str(Path(teacher_path).resolve()), "sha256": weights_sha256(teacher)},
                   "dataset": dataset_fingerprint(cfg.data)}
     stats = RealStats({n: a.finalize(num_images) for n, a in acc.items()}, shapes, model_class, num_images,
                       data.num_classes, provenance)
