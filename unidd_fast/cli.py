@@ -3,6 +3,7 @@
   unidd-fast distill                       the embedded default: digits on CPU, CFM vs. baselines
   unidd-fast squeeze|stats|recover|evaluate  one stage; chain them with --from DIR
   unidd-fast show DIR                      pictures of a run
+  unidd-fast import-stats PATH             the authors' release statistics -> stats.safetensors
   unidd-fast kernels ...                   ahead-of-time kernel tools
   unidd-fast doctor ...                    check every backend of every fused op here, time them
 """
@@ -29,6 +30,8 @@ HELP = {
     "kernels": "ahead-of-time kernel tools (arguments are passed on)",
     "doctor": "every backend of every fused op against float64 at a teacher's site shapes, timed "
               "(arguments are passed on; see unidd-fast doctor --help)",
+    "import-stats": "convert the CFM release's statistic/<dataset>/input/ConvFeatureHook folder (running.npz "
+                    "per conv site) into a statistics file for --teacher",
 }
 
 
@@ -101,6 +104,11 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("--quiet", action="store_true")
     sub.add_parser("kernels", help=HELP["kernels"], add_help=False)
     sub.add_parser("doctor", help=HELP["doctor"], add_help=False)
+    imp = sub.add_parser("import-stats", help=HELP["import-stats"], description=HELP["import-stats"])
+    imp.add_argument("path", metavar="PATH", help="a ConvFeatureHook folder, or one <Model>.pth=<site>/running.npz in it")
+    imp.add_argument("--teacher", metavar="FILE", required=True, help="teacher.safetensors written by squeeze")
+    imp.add_argument("--out", metavar="FILE", required=True, help="statistics file to write (safetensors)")
+    imp.add_argument("--force", action="store_true", help="replace an existing --out file")
     return parser
 
 
@@ -251,6 +259,24 @@ def run_show(args) -> int:
     return 0
 
 
+def run_import_stats(args) -> int:
+    from .compat.release import import_release_stats
+    from .errors import ConfigError
+    from .pipeline.models import load_teacher
+
+    out = Path(args.out).expanduser()
+    if out.exists() and not args.force:
+        raise ConfigError(f"--out {out} exists; choose another file or add --force to replace it")
+    model, spec = load_teacher(Path(args.teacher).expanduser())
+    stats = import_release_stats(args.path, model, spec["num_classes"],
+                                 (spec["channels"], spec["image_size"], spec["image_size"]))
+    stats.save(out)
+    print(f"{out}: {len(stats)} conv sites of {stats.provenance['checkpoint']} ({stats.model_class}, "
+          f"{stats.num_classes} classes, covariance {stats.provenance['covariance']}); use it with "
+          "--stats FILE --set recover.sites=conv")
+    return 0
+
+
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "kernels":
@@ -267,6 +293,8 @@ def main(argv=None) -> int:
         parser.print_help()
         return 2
     try:
+        if args.command == "import-stats":
+            return run_import_stats(args)
         return run_show(args) if args.command == "show" else run_stage(args)
     except UniddError as exc:
         print(f"unidd-fast {args.command}: error: {exc}", file=sys.stderr)
