@@ -135,7 +135,7 @@ def test_emu_changes_the_matched_statistics(gen):
     fresh.remove()
 
 
-@pytest.mark.parametrize("filter", ["cfm", "krr", "lowpass", "allpass", "mtt"])
+@pytest.mark.parametrize("filter", ["cfm", "krr", "dc", "lfm", "allpass", "mtt"])
 @pytest.mark.parametrize("signal", ["class", "mean", "soft"])
 def test_every_option_gives_finite_differentiable_loss(filter, signal, gen):
     model = tiny_convnet()

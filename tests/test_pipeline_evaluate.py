@@ -9,13 +9,14 @@ from unidd_fast.pipeline.evaluate import kd_loss, load_distilled, summary_table
 from unidd_fast.pipeline.recover import SetWriter, plan_class_batches
 
 
-def test_kd_loss_is_t2_scaled_batchmean_kl(gen):
+def test_kd_loss_is_batchmean_kl_optionally_t2_scaled(gen):
     s = torch.randn(6, 5, generator=gen, dtype=torch.float64, requires_grad=True)
     t = torch.randn(6, 5, generator=gen, dtype=torch.float64)
     temp = 4.0
     p, log_q = F.softmax(t / temp, 1), F.log_softmax(s / temp, 1)
-    expected = (p * (p.log() - log_q)).sum() / 6 * temp**2
-    torch.testing.assert_close(kd_loss(s, t, temp), expected)  # float64, same formula
+    expected = (p * (p.log() - log_q)).sum() / 6
+    torch.testing.assert_close(kd_loss(s, t, temp), expected)  # float64, same formula (SRe2L, the release)
+    torch.testing.assert_close(kd_loss(s, t, temp, t2=True), expected * temp**2)
     assert float(kd_loss(t, t, temp)) == pytest.approx(0, abs=1e-12)
     torch.autograd.gradcheck(lambda x: kd_loss(x, t, temp), (s,))
 

@@ -54,6 +54,8 @@ def _stage_parser(sub, name: str):
                    help="run directory of the stage before (its config and files are the starting point)")
     p.add_argument("--dataset", choices=DATASETS, help="dataset (default digits, or the --from run's)")
     p.add_argument("--data", metavar="PATH", help="dataset root directory (not needed for digits)")
+    p.add_argument("--recipe", choices=("ours", "paper", "release"),
+                   help="presets of the recipe table in the README (default ours, or the --from run's)")
     p.add_argument("--ipc", type=_int_list, metavar="LIST", help="images per class, e.g. 1,10")
     p.add_argument("--seeds", type=_int_list, metavar="LIST", help="seeds, e.g. 0,1")
     p.add_argument("--iterations", type=int, metavar="N", help="recover iterations per class-batch")
@@ -129,8 +131,11 @@ def resolve_config(args):
         artifacts = read_results(args.from_dir).get("artifacts", {})
         if args.dataset and args.dataset != cfg.data.dataset:
             raise ConfigError(f"--dataset {args.dataset} differs from the --from run's dataset {cfg.data.dataset}")
+        if args.recipe and args.recipe != cfg.recipe:
+            raise ConfigError(f"--recipe {args.recipe} differs from the --from run's recipe {cfg.recipe}; "
+                              "start a new chain with --recipe, or change single values with --set")
     else:
-        cfg = config.defaults(args.dataset or "digits")
+        cfg = config.defaults(args.dataset or "digits", args.recipe or "ours")
     flags = {"data.data": args.data, "ipc": args.ipc, "seeds": args.seeds, "recover.iterations": args.iterations,
              "device": args.device, "model.arch": args.arch, "recover.loss": args.loss,
              "recover.precision": args.precision, "recover.cuda_graphs": args.cuda_graphs,

@@ -91,8 +91,8 @@ class MTT(SpectralFilter):
     name = "mtt"
 
     def __init__(self, alpha: float, steps: int):
-        if steps < 0:
-            raise ConfigError(f"MTT needs steps >= 0, got {steps}")
+        if steps < 0 or not float(alpha) > 0:
+            raise ConfigError(f"MTT needs alpha > 0 and steps >= 0, got alpha={alpha}, steps={steps}")
         self.alpha, self.steps = float(alpha), int(steps)
 
     def __call__(self, lam):
@@ -108,8 +108,8 @@ class MTTSum(SpectralFilter):
     name = "mtt_sum"
 
     def __init__(self, alpha: float, steps: int):
-        if steps < 1:
-            raise ConfigError(f"MTT-sum needs steps >= 1, got {steps}")
+        if steps < 1 or not float(alpha) > 0:
+            raise ConfigError(f"MTT-sum needs alpha > 0 and steps >= 1, got alpha={alpha}, steps={steps}")
         self.alpha, self.steps = float(alpha), int(steps)
 
     def __call__(self, lam):
@@ -129,10 +129,12 @@ class MTTSum(SpectralFilter):
 class FilterChoice:
     """One ``filter=`` option of CFMLoss (paper Table 1). ``pair(beta, alpha, steps)`` builds
     (f, g): f filters Ψ in the filter term, g multiplies the signal (the same object when
-    they are one filter); ``curriculum``: β_t follows the schedule (otherwise it stays β)."""
+    they are one filter); ``curriculum``: β_t follows the schedule (otherwise it stays β);
+    ``alpha_on_signal``: the signal term is weighted by α (MTT in Table 1)."""
 
     pair: Callable[..., tuple[SpectralFilter, SpectralFilter]]
     curriculum: bool = False
+    alpha_on_signal: bool = False
 
 
 def _same(f: SpectralFilter) -> tuple[SpectralFilter, SpectralFilter]:
@@ -140,13 +142,22 @@ def _same(f: SpectralFilter) -> tuple[SpectralFilter, SpectralFilter]:
 
 
 # The filter options of the loss, by name: the one table that CFMLoss, the config choices
-# and the CLI read. "cfm" is KRR with the β curriculum (CFM), "krr" KRR at a fixed β.
+# and the CLI read. "cfm" is KRR with the β curriculum (CFM), "krr" KRR at a fixed β (FRePo);
+# "dc" Table 1's DC (f = λ, signal unfiltered), "lfm" the authors' release's LFM (Ψ in both
+# terms); "allpass" DM; "mtt" trajectory matching (steps: P on the real side, Q synthetic).
 LOSS_FILTERS: dict[str, FilterChoice] = {
     "cfm": FilterChoice(lambda beta, alpha, steps: _same(KRR(beta)), curriculum=True),
     "krr": FilterChoice(lambda beta, alpha, steps: _same(KRR(beta))),
-    "lowpass": FilterChoice(lambda beta, alpha, steps: _same(LowPass())),
+    "dc": FilterChoice(lambda beta, alpha, steps: (LowPass(), AllPass())),
+    "lfm": FilterChoice(lambda beta, alpha, steps: _same(LowPass())),
     "allpass": FilterChoice(lambda beta, alpha, steps: _same(AllPass())),
-    "mtt": FilterChoice(lambda beta, alpha, steps: (MTT(alpha, steps), MTTSum(alpha, steps))),
+    "mtt": FilterChoice(lambda beta, alpha, steps: (MTT(alpha, steps), MTTSum(alpha, steps)), alpha_on_signal=True),
+}
+
+# Names no longer in the table, with the error that says what to use instead.
+RENAMED_FILTERS = {
+    "lowpass": "filter 'lowpass' has two readings, choose one: 'lfm' (the authors' release: Ψ in both terms) "
+               "or 'dc' (paper Table 1's DC: Ψ in the filter term, signal unfiltered)",
 }
 
 

@@ -12,7 +12,7 @@ from torch import nn
 
 from .emu import EMU, Batch
 from .errors import ConfigError, NonFiniteError, StatsMismatchError
-from .filters import LOSS_FILTERS
+from .filters import LOSS_FILTERS, RENAMED_FILTERS
 from .ops import flc, site_stats
 from .real_stats import RealStats
 from .regularizer import Regularizer
@@ -40,14 +40,24 @@ class CFMLoss(Regularizer):
     ``next_batch()`` after each class-batch folds its detached statistics into ``cfm.emu``
     (an ``emu.EMU``: the running means and the class-batch index b, with save/load).
     ``make_graph_safe()`` keeps β_t, b and the EMU means in device tensors (for CUDA graphs).
+
+    Filters (docs/math.md; paper Table 1): "cfm" (λ + β_t)⁻¹ on both terms with the β
+    curriculum; "krr" the same at constant β (FRePo); "dc" the paper's DC, f = λ in the filter
+    term and an unfiltered signal term ‖Φ − Φ_s‖; "lfm" the release's LFM, Ψ in both terms
+    (‖Ψ − Ψ_s‖ + ‖ΨΦ − Ψ_sΦ_s‖); "allpass" DM, only ‖Φ − Φ_s‖ (the filter term is 0);
+    "mtt" ‖(I − αΨ)^P − (I − αΨ_s)^Q‖ + α ‖Σ_{p<P}(I − αΨ)^p Φ − Σ_{q<Q}(I − αΨ_s)^q Φ_s‖ with
+    P = ``mtt_steps`` (real), Q = ``mtt_steps_syn`` (synthetic; default P), α = ``mtt_alpha``.
     """
 
     def __init__(self, model: nn.Module, stats: RealStats, beta: float = 0.1, eta: float = 0.1,
                  signal: str = "class", emu: bool = True, sites="bn", filter: str = "cfm",
                  beta_min: float = 1e-6, schedule: str = "cosine", mtt_alpha: float = 0.01,
-                 mtt_steps: int = 10, backend: str | None = "auto", check_finite: bool = True):
+                 mtt_steps: int = 10, mtt_steps_syn: int | None = None, backend: str | None = "auto",
+                 check_finite: bool = True):
         if signal not in SIGNALS:
             raise ConfigError(f"signal must be one of {SIGNALS}, got {signal!r}")
+        if filter in RENAMED_FILTERS:
+            raise ConfigError(RENAMED_FILTERS[filter])
         if filter not in LOSS_FILTERS:
             raise ConfigError(f"filter must be one of {FILTERS}, got {filter!r}")
         if eta < 0:
@@ -55,9 +65,10 @@ class CFMLoss(Regularizer):
         self._choice = LOSS_FILTERS[filter]
         self.beta, self.eta, self.signal, self.use_emu = beta, eta, signal, emu
         self.filter, self.beta_min, self.backend, self.check_finite = filter, beta_min, backend, check_finite
-        self.mtt = (mtt_alpha, mtt_steps)
+        self.mtt = (float(mtt_alpha), int(mtt_steps), int(mtt_steps if mtt_steps_syn is None else mtt_steps_syn))
+        self.signal_weight = self.mtt[0] if self._choice.alpha_on_signal else 1.0  # Table 1: α on MTT's signal term
         self.beta_t = beta
-        self._filters()  # refuses a bad beta / MTT setting now rather than at the first call
+        self._filters(), self._filters(real=True)  # refuse a bad beta / MTT setting now, not at the first call
         self.schedule = schedule if self._choice.curriculum else "constant"
         self.num_classes = stats.num_classes
         self.enabled = True
@@ -112,12 +123,16 @@ class CFMLoss(Regularizer):
         if self.enabled:
             self._current[name] = site_stats(feat, self.backend)
 
-    def _filters(self, beta=None):
-        """(filter applied to Ψ in the filter term, filter applied before the signal), at
-        ``beta`` (default β_t; a device tensor in graph-safe mode)."""
-        return self._choice.pair(self.beta_t if beta is None else beta, *self.mtt)
+    def _filters(self, beta=None, real: bool = False):
+        """(filter applied to Ψ in the filter term, filter applied before the signal) of the
+        synthetic side, or of the real side with ``real=True`` (they differ only for MTT with
+        P ≠ Q), at ``beta`` (default β_t; a device tensor in graph-safe mode)."""
+        alpha, p, q = self.mtt
+        return self._choice.pair(self.beta_t if beta is None else beta, alpha, p if real else q)
 
-    def _real_side(self, d, f_filter, f_signal, dtype):
+    def _real_side(self, d, dtype):
+        """(f(Ψ), g(Ψ)Φ) of the real statistics of width ``d`` at the current β_t, cached per β."""
+        f_filter, f_signal = self._filters(real=True)
         beta = self.beta_t
         key = (d, repr(f_filter), repr(f_signal), dtype, float(beta) if not torch.is_tensor(beta) else None)
         cached = self._real_cache.get(key)
@@ -139,7 +154,7 @@ class CFMLoss(Regularizer):
         if self.graph_safe:
             self._beta_dev.fill_(float(self.beta_t))
             for (d, dtype), buffers in self._static_real.items():
-                for buffer, value in zip(buffers, self._real_side(d, *self._filters(), dtype)):
+                for buffer, value in zip(buffers, self._real_side(d, dtype)):
                     buffer.copy_(value)
 
     def make_graph_safe(self) -> None:
@@ -176,7 +191,7 @@ class CFMLoss(Regularizer):
         """Graph-safe: the real side of width d in buffers that ``set_curriculum`` refreshes in place."""
         key = (d, dtype)
         if key not in self._static_real:
-            self._static_real[key] = tuple(t.clone() for t in self._real_side(d, *self._filters(), dtype))
+            self._static_real[key] = tuple(t.clone() for t in self._real_side(d, dtype))
         return self._static_real[key]
 
     def _synthetic_signal(self, stats, targets):
@@ -225,9 +240,10 @@ class CFMLoss(Regularizer):
             psi_b, sig_b = batch[d]
             if self.use_emu:
                 psi_b, sig_b = self.emu.blend(d, psi_b, sig_b)
-            F_real, T_real = (self._static_real_side(d, psi_b.dtype) if self.graph_safe
-                              else self._real_side(d, f_filter, f_signal, psi_b.dtype))
-            norms[d] = filtered_norms(F_real, T_real, psi_b, sig_b, f_filter, f_signal, group, self.backend)
+            real_side = self._static_real_side if self.graph_safe else self._real_side
+            F_real, T_real = real_side(d, psi_b.dtype)
+            fn, sn = filtered_norms(F_real, T_real, psi_b, sig_b, f_filter, f_signal, group, self.backend)
+            norms[d] = (fn, sn * self.signal_weight if self.signal_weight != 1.0 else sn)
         self.step += 1
         return norms
 

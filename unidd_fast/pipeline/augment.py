@@ -21,7 +21,9 @@ def _uniform(n: int, low, high, generator, device) -> torch.Tensor:
 class Augment:
     """Random resized crop (area fraction in ``scale``, aspect ratio in ``ratio``), random
     translation by up to ``shift`` of the image side (the border shows zeros, i.e. the mean
-    colour in normalised space), and horizontal flip — one affine warp per image.
+    colour in normalised space), and horizontal flip — one affine warp per image; then, with
+    ``jitter`` > 0, the whole batch rolled by (0..jitter, 0..jitter) pixels with wrap-around
+    (``torch.roll`` semantics: the authors' release's jitter).
 
     ``aug(x, generator)``: x (n, c, h, w) float -> (n, c, h, w), same dtype and device.
     """
@@ -30,6 +32,7 @@ class Augment:
     ratio: tuple = (3 / 4, 4 / 3)
     shift: float = 0.0
     flip: bool = True
+    jitter: int = 0
 
     def theta(self, n: int, generator, device, dtype=torch.float32) -> torch.Tensor:
         """(n, 2, 3) affine matrices mapping output to input coordinates in [-1, 1]."""
@@ -53,19 +56,28 @@ class Augment:
     def __call__(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         theta = self.theta(x.shape[0], generator, x.device, x.dtype)
         grid = F.affine_grid(theta, list(x.shape), align_corners=False)
-        return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+        x = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+        if self.jitter > 0:  # index arithmetic on the device: no host sync, unlike torch.roll with drawn ints
+            off = torch.randint(0, self.jitter + 1, (2,), generator=generator, device=x.device)
+            height, width = x.shape[-2:]
+            rows = (torch.arange(height, device=x.device) - off[0]) % height
+            cols = (torch.arange(width, device=x.device) - off[1]) % width
+            x = x.index_select(-2, rows).index_select(-1, cols)
+        return x
 
 
-def make_augment(kind: str, crop_min: float = 0.08, shift: float = 0.125, flip: bool = True) -> Augment:
+def make_augment(kind: str, crop_min: float = 0.08, shift: float = 0.125, flip: bool = True,
+                 jitter: int = 0) -> Augment:
     """"crop": translation by up to ``shift`` (CIFAR's pad-and-crop); "rrc": random resized
-    crop with area in [crop_min, 1]; "recover": both (the synthetic batch). Each with a
-    horizontal flip unless ``flip`` is False (data whose labels a mirror changes: digits)."""
+    crop with area in [crop_min, 1]; "recover": both (the synthetic batch), then a roll by up
+    to ``jitter`` px. Each with a horizontal flip unless ``flip`` is False (data whose labels
+    a mirror changes: digits)."""
     if kind == "crop":
         return Augment(scale=(1.0, 1.0), ratio=(1.0, 1.0), shift=shift, flip=flip)
     if kind == "rrc":
         return Augment(scale=(crop_min, 1.0), flip=flip)
     if kind == "recover":
-        return Augment(scale=(crop_min, 1.0), shift=shift, flip=flip)
+        return Augment(scale=(crop_min, 1.0), shift=shift, flip=flip, jitter=jitter)
     raise ValueError(f"unknown augmentation {kind!r}")
 
 

@@ -76,12 +76,16 @@ class RecoverConfig:
     eta: float = 0.1
     signal: str = "class"
     sites: str = "bn"
-    filter: str = "cfm"
+    filter: str = "cfm"         # cfm | krr | dc (paper Table 1) | lfm (release) | allpass | mtt
+    mtt_alpha: float = 0.01     # mtt filter: α of (I − αΨ)^P, also the weight of the signal term (Table 1)
+    mtt_steps: int = 10         # mtt filter: P, steps on the real side
+    mtt_steps_syn: int = 0      # mtt filter: Q, steps on the synthetic side; 0 = P
     emu: bool = True
     r_bn: float = 0.01          # sre2l: weight of the BN matching term
     first_bn_multiplier: float = 10.0
     crop_min: float = 0.08      # augmentation of the synthetic batch: smallest crop area fraction
-    shift: float = 0.125        # ... largest translation, fraction of the image side
+    shift: float = 0.125        # ... largest translation, fraction of the image side (zero fill)
+    jitter: int = 0             # ... then roll the batch by 0..jitter px (wrap-around; the release: 4)
     image_format: str = "png"   # png (lossless) | jpg
     backend: str = "auto"
     precision: str = "auto"     # teacher forward/backward: fp32 | bf16 autocast; auto = bf16 on CUDA, fp32 on CPU
@@ -99,6 +103,7 @@ class EvalConfig:
     weight_decay: float = 5e-4
     batch_size: int = 64
     temperature: float = 30.0
+    kd_t2: bool = False         # multiply the KD loss by T² (Hinton); SRe2L and the release do not
     cutmix: float = 0.0         # probability of CutMix per batch
     augment: str = "crop"
     crop_min: float = 0.08
@@ -112,6 +117,7 @@ class Config:
     squeeze: SqueezeConfig = field(default_factory=SqueezeConfig)
     recover: RecoverConfig = field(default_factory=RecoverConfig)
     evaluate: EvalConfig = field(default_factory=EvalConfig)
+    recipe: str = "ours"        # ours | paper | release: presets of the recipe table (README)
     ipc: list = field(default_factory=lambda: [10])
     seeds: list = field(default_factory=lambda: [0])
     device: str = "auto"
@@ -194,10 +200,11 @@ CHOICES = {
     "recover.beta_per": ("ipc", "batch"),
     "recover.signal": SIGNALS,
     "recover.filter": tuple(LOSS_FILTERS),
+    "recipe": ("ours", "paper", "release"),
     "recover.image_format": ("png", "jpg"),
     "recover.precision": PRECISIONS,
     "recover.cuda_graphs": GRAPH_MODES,
-    "evaluate.optimizer": ("adamw", "sgd"),
+    "evaluate.optimizer": ("adamw", "adam", "sgd"),
     "evaluate.augment": ("crop", "rrc"),
     "evaluate.arch": ("",) + ARCHS,
     "device": ("auto", "cpu", "cuda"),
@@ -253,19 +260,51 @@ def set_value(cfg: Config, key: str, value) -> None:
     setattr(owner, name, new)
 
 
-def defaults(dataset: str) -> Config:
-    """The configuration of ``dataset`` before any override."""
-    if dataset not in DATASETS:
-        raise ConfigError(f"unknown dataset {dataset!r}; choose one of {DATASETS}")
-    cfg = Config()
-    cfg.data.dataset = dataset
-    preset = DEFAULTS[dataset]
+# The recipe presets: what `--recipe paper|release` sets on top of the dataset's defaults
+# (README, "Recipe: ours, the paper, the release"). Paper: Alg. 1 and Tables 1, 3, 4.
+# Release: synthesis_{small,large}.py with its README's flags, generate_soft_label_online.py.
+RECIPES: dict[str, dict] = {
+    "ours": {},
+    "paper": {"recover": dict(beta_per="batch", shift=0.0, jitter=0, crop_min=0.08),
+              "evaluate": dict(cutmix=0.0, kd_t2=False)},
+    "release": {"recover": dict(sites="conv", signal="mean", emu=False, beta_per="ipc", shift=0.0, jitter=4,
+                                crop_min=0.08),
+                "evaluate": dict(optimizer="adamw", lr=1e-3, weight_decay=1e-2, temperature=20.0, cutmix=1.0,
+                                 kd_t2=False, augment="rrc", crop_min=0.08)},
+}
+# Per dataset, where the preset depends on it: Table 4's optimiser (paper); the release's
+# epochs and crop scale of generate_soft_label_online.py.
+RECIPE_DATASETS: dict[tuple, dict] = {
+    ("paper", "cifar10"): {"evaluate": dict(optimizer="adam")},
+    ("paper", "imagenet"): {"evaluate": dict(optimizer="adam")},
+    ("release", "cifar10"): {"evaluate": dict(epochs=1000)},
+    ("release", "cifar100"): {"evaluate": dict(epochs=1000)},
+    ("release", "tiny-imagenet"): {"evaluate": dict(epochs=300, crop_min=0.5)},
+    ("release", "imagenet"): {"evaluate": dict(epochs=300, crop_min=0.5)},
+}
+
+
+def _apply(cfg: Config, preset: dict) -> None:
     for section, values in preset.items():
         if isinstance(values, dict):
             for name, value in values.items():
                 set_value(cfg, f"{section}.{name}", value)
         else:
             set_value(cfg, section, values)
+
+
+def defaults(dataset: str, recipe: str = "ours") -> Config:
+    """The configuration of ``dataset`` under ``recipe`` (RECIPES) before any override."""
+    if dataset not in DATASETS:
+        raise ConfigError(f"unknown dataset {dataset!r}; choose one of {DATASETS}")
+    if recipe not in RECIPES:
+        raise ConfigError(f"unknown recipe {recipe!r}; choose one of {tuple(RECIPES)}")
+    cfg = Config()
+    cfg.data.dataset = dataset
+    _apply(cfg, DEFAULTS[dataset])
+    _apply(cfg, RECIPES[recipe])
+    _apply(cfg, RECIPE_DATASETS.get((recipe, dataset), {}))
+    cfg.recipe = recipe
     return cfg
 
 
@@ -345,6 +384,10 @@ RULES: dict[str, tuple] = {
     "recover.first_bn_multiplier": (_non_negative, "a multiplier >= 0"),
     "recover.crop_min": (_fraction, "an area fraction in (0, 1]"),
     "recover.shift": (lambda v: 0 <= v <= 0.5, "a fraction of the image side in [0, 0.5]"),
+    "recover.jitter": (_non_negative, "a roll of >= 0 pixels"),
+    "recover.mtt_alpha": (_positive, "an MTT step size α > 0"),
+    "recover.mtt_steps": (_positive, "a step count P >= 1"),
+    "recover.mtt_steps_syn": (_non_negative, "a step count Q >= 1, or 0 for Q = P"),
     "evaluate.epochs": (_non_negative, "an epoch count >= 0"),
     "evaluate.lr": (_positive, "a learning rate > 0"),
     "evaluate.momentum": (_momentum, "a momentum in [0, 1)"),

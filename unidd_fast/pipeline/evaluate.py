@@ -38,11 +38,15 @@ from .train import accuracy, fit, lr_at, make_generator, make_optimizer, seeded,
 IN_MEMORY_BYTES = 2**31  # distilled sets larger than this (as uint8) are streamed from disk
 
 
-def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    """T² · KL(p_teacher ‖ p_student) at temperature T, averaged over the batch."""
+def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float,
+            t2: bool = False) -> torch.Tensor:
+    """KL(p_teacher ‖ p_student) at temperature T, averaged over the batch, times T² if ``t2``
+    (Hinton's scaling; SRe2L and the authors' release leave it out, and Table 4's learning
+    rates were tuned without it)."""
     t, dtype = temperature, acc_dtype(student_logits.dtype)
-    return F.kl_div(F.log_softmax(student_logits.to(dtype) / t, 1), F.log_softmax(teacher_logits.to(dtype) / t, 1),
-                    reduction="batchmean", log_target=True) * (t * t)
+    kl = F.kl_div(F.log_softmax(student_logits.to(dtype) / t, 1), F.log_softmax(teacher_logits.to(dtype) / t, 1),
+                  reduction="batchmean", log_target=True)
+    return kl * (t * t) if t2 else kl
 
 
 def _folder_classes(names: list[str], data_classes: list[str]) -> dict[str, int]:
@@ -134,7 +138,7 @@ def train_student(student: nn.Module, teacher: nn.Module, distilled, cfg: Config
             x = x[rank::world]
         with torch.no_grad():
             target = teacher(x)
-        return kd_loss(model(x), target, ev.temperature)
+        return kd_loss(model(x), target, ev.temperature, ev.kd_t2)
 
     checkpoint = None
     if checkpoint_path is not None:

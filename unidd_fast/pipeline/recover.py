@@ -86,7 +86,8 @@ def make_regularizer(rc: RecoverConfig, model: nn.Module, stats: RealStats | Non
     """CFMLoss for loss="cfm", BNMatchLoss for "sre2l", None for "none"."""
     if rc.loss == "cfm":
         return CFMLoss(model, stats, beta=rc.beta, eta=rc.eta, signal=rc.signal, emu=rc.emu, sites=rc.sites,
-                       filter=rc.filter, beta_min=rc.beta_min, backend=rc.backend)
+                       filter=rc.filter, beta_min=rc.beta_min, backend=rc.backend, mtt_alpha=rc.mtt_alpha,
+                       mtt_steps=rc.mtt_steps, mtt_steps_syn=rc.mtt_steps_syn or None)
     if rc.loss == "sre2l":
         from .sre2l_loss import BNMatchLoss
 
@@ -284,7 +285,7 @@ def recover_one(cfg: Config, data: Data, model: nn.Module, stats: RealStats | No
             def fold():
                 distributed.merge_emu(regularizer)
         lo, hi = pixel_bounds(data.mean, data.std, device)
-        augment = make_augment("recover", rc.crop_min, rc.shift, cfg.data.flip)
+        augment = make_augment("recover", rc.crop_min, rc.shift, cfg.data.flip, rc.jitter)
         recover_set(model, regularizer, plan, init, rc, ipc, augment, make_generator(device, seed), lo, hi,
                     on_batch, desc=name, seed=seed, rounds=rounds, fold=fold)
     finally:
