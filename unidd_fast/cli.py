@@ -1,7 +1,7 @@
 """The ``unidd-fast`` command: dataset distillation by spectral filtering (UniDD / CFM).
 
   unidd-fast distill                       the embedded default: digits on CPU, CFM vs. baselines
-  unidd-fast squeeze|stats|recover|evaluate  one stage; chain them with --from DIR
+  unidd-fast squeeze|stats|recover|relabel|evaluate  one stage; chain them with --from DIR
   unidd-fast show DIR                      pictures of a run
   unidd-fast import-stats PATH             the authors' release statistics -> stats.safetensors
   unidd-fast kernels ...                   ahead-of-time kernel tools
@@ -18,14 +18,15 @@ from pathlib import Path
 from . import distributed
 from .errors import UniddError
 
-STAGES = ("distill", "squeeze", "stats", "recover", "evaluate")
+STAGES = ("distill", "squeeze", "stats", "recover", "relabel", "evaluate")
 DISTRIBUTED_STAGES = ("stats", "recover", "evaluate")  # the stages torchrun can shard
 HELP = {
     "distill": "squeeze → stats → recover → evaluate with baselines (no arguments: digits on CPU)",
     "squeeze": "train the teacher on the real training set",
     "stats": "exact real statistics at every hook site of the teacher",
     "recover": "synthesise the distilled images (CFM loss, or --loss sre2l / none)",
-    "evaluate": "train students on distilled sets by online KD; top-1 on the real test set",
+    "relabel": "store the teacher's top-k soft labels of every evaluation epoch's augmented batches",
+    "evaluate": "train students on distilled sets by online KD (or --labels); top-1 on the real test set",
     "show": "PNG grids of distilled images and plots of the filter responses",
     "kernels": "ahead-of-time kernel tools (arguments are passed on)",
     "doctor": "every backend of every fused op against float64 at a teacher's site shapes, timed "
@@ -81,10 +82,13 @@ def _stage_parser(sub, name: str):
     if name == "recover":
         p.add_argument("--allow-stats-mismatch", action="store_true",
                        help="use --stats although they were collected with another teacher or on other data")
-    if name == "evaluate":
+    if name in ("evaluate", "relabel"):
         p.add_argument("--distilled", action="append", metavar="PATH",
                        help="a distilled set: distilled.safetensors, its directory, or an ImageFolder of "
                             "images (any method's); repeatable")
+    if name == "evaluate":
+        p.add_argument("--labels", metavar="DIR", help="train from the soft labels of `unidd-fast relabel` "
+                                                        "(its --out) instead of running the teacher")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override any config value, e.g. recover.lr=0.1 or evaluate.epochs=50 (repeatable)")
     p.add_argument("--force", action="store_true",
@@ -174,15 +178,17 @@ def run_stage(args) -> int:
     cfg, artifacts = resolve_config(args)
     command = args.command
     inputs = {}
-    if command in ("stats", "recover", "evaluate"):
+    if command in ("stats", "recover", "relabel", "evaluate"):
         inputs["teacher"] = _artifact(args, artifacts, "teacher", command)
     if command == "recover":
         cfm = cfg.recover.loss == "cfm"
         inputs["stats"] = _artifact(args, artifacts, "stats", command) if cfm else args.stats
-    if command == "evaluate":
+    if command in ("evaluate", "relabel"):
         inputs["sets"] = args.distilled or artifacts.get("distilled")
         if not inputs["sets"]:
-            raise ConfigError("evaluate needs --distilled PATH or --from a recover run directory")
+            raise ConfigError(f"{command} needs --distilled PATH or --from a recover run directory")
+    if command == "evaluate" and args.labels:
+        checks.check_exists("--labels", args.labels, "write the labels with `unidd-fast relabel`")
     _check_inputs(args, inputs)
     out_path = Path(args.out or Path("runs") / command)
     here = _join_torchrun(cfg, command)
@@ -229,7 +235,7 @@ def _join_torchrun(cfg, command: str):
 
 
 def _run(command: str, cfg, out, inputs: dict, args) -> None:
-    from .pipeline import distill, evaluate, recover, squeeze, stats
+    from .pipeline import distill, evaluate, recover, relabel, squeeze, stats
 
     if command == "distill":
         distill.run(cfg, out, args.teacher_checkpoint)
@@ -239,8 +245,10 @@ def _run(command: str, cfg, out, inputs: dict, args) -> None:
         stats.run(cfg, out, inputs["teacher"])
     elif command == "recover":
         recover.run(cfg, out, inputs["teacher"], inputs["stats"], args.allow_stats_mismatch)
+    elif command == "relabel":
+        relabel.run(cfg, out, inputs["teacher"], inputs["sets"])
     else:
-        results = evaluate.run(cfg, out, inputs["teacher"], inputs["sets"])
+        results = evaluate.run(cfg, out, inputs["teacher"], inputs["sets"], args.labels)
         if out.main:
             print(evaluate.summary_table(results["results"], results["teacher_accuracy"]), flush=True)
 

@@ -54,9 +54,7 @@ class Augment:
         return theta.to(dtype)
 
     def __call__(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        theta = self.theta(x.shape[0], generator, x.device, x.dtype)
-        grid = F.affine_grid(theta, list(x.shape), align_corners=False)
-        x = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+        x = warp(x, self.theta(x.shape[0], generator, x.device, x.dtype))
         if self.jitter > 0:  # index arithmetic on the device: no host sync, unlike torch.roll with drawn ints
             off = torch.randint(0, self.jitter + 1, (2,), generator=generator, device=x.device)
             height, width = x.shape[-2:]
@@ -64,6 +62,12 @@ class Augment:
             cols = (torch.arange(width, device=x.device) - off[1]) % width
             x = x.index_select(-2, rows).index_select(-1, cols)
         return x
+
+
+def warp(x: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
+    """x (n, c, h, w) resampled through the affine matrices theta (n, 2, 3) (zeros outside)."""
+    grid = F.affine_grid(theta.to(x.dtype), list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 
 
 def make_augment(kind: str, crop_min: float = 0.08, shift: float = 0.125, flip: bool = True,
@@ -87,11 +91,24 @@ def cutmix(x: torch.Tensor, prob: float, generator: torch.Generator | None = Non
     the batch. x (n, c, h, w) -> same shape."""
     if prob <= 0:
         return x
-    n, _, height, width = x.shape
-    device = x.device
+    return apply_cutmix(x, cutmix_boxes(x.shape[0], prob, generator, x.device))
+
+
+def cutmix_boxes(n: int, prob: float, generator, device) -> torch.Tensor:
+    """(n, 4) float32 boxes of ``cutmix``: (side, centre y, centre x) as fractions of the image
+    side, and 1.0 where the box is pasted (probability ``prob``) else 0.0."""
     side = torch.sqrt(torch.rand(n, generator=generator, device=device))  # box side / image side
     cy, cx = (torch.rand(n, generator=generator, device=device) for _ in range(2))
     apply = torch.rand(n, generator=generator, device=device) < prob
+    return torch.stack([side, cy, cx, apply.float()], 1)
+
+
+def apply_cutmix(x: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
+    """Paste, where ``boxes`` (from ``cutmix_boxes``) says so, the box of the next image of the batch."""
+    height, width = x.shape[-2:]
+    device = x.device
+    side, cy, cx, apply = boxes.to(device).unbind(1)
+    apply = apply > 0
     ys = (torch.arange(height, device=device) + 0.5) / height
     xs = (torch.arange(width, device=device) + 0.5) / width
     inside_y = (ys[None] - cy[:, None]).abs() <= side[:, None] / 2

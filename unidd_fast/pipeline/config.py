@@ -104,6 +104,7 @@ class EvalConfig:
     batch_size: int = 64
     temperature: float = 30.0
     kd_t2: bool = False         # multiply the KD loss by T² (Hinton); SRe2L and the release do not
+    label_topk: int = 10        # relabel: teacher logits kept per augmented image (0: all classes)
     cutmix: float = 0.0         # probability of CutMix per batch
     augment: str = "crop"
     crop_min: float = 0.08
@@ -396,6 +397,7 @@ RULES: dict[str, tuple] = {
     "evaluate.temperature": (_positive, "a KD temperature > 0"),
     "evaluate.cutmix": (lambda v: 0 <= v <= 1, "a probability in [0, 1]"),
     "evaluate.crop_min": (_fraction, "an area fraction in (0, 1]"),
+    "evaluate.label_topk": (_non_negative, "a top-k >= 1, or 0 for all classes"),
 }
 FLAGS = {"ipc": "--ipc", "seeds": "--seeds", "recover.iterations": "--iterations"}
 

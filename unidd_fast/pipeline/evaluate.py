@@ -102,14 +102,17 @@ def load_distilled(path, data: Data) -> tuple[torch.utils.data.Dataset, int]:
 
 @annotate("evaluate")
 def train_student(student: nn.Module, teacher: nn.Module, distilled, cfg: Config, device, seed: int,
-                  desc: str = "evaluate", log=None, checkpoint_path=None) -> float:
+                  desc: str = "evaluate", log=None, checkpoint_path=None, labels=None) -> float:
     """Online KD of ``student`` from ``teacher`` on ``distilled`` (cfg.evaluate settings),
     resumable from and checkpointed into ``checkpoint_path`` (every cfg.checkpoint_every s).
 
     Under torchrun: DistributedDataParallel. Every rank draws the same global batch and the
     same augmentation (one generator state on all ranks, so one checkpoint serves all), then
     trains on its slice ``x[rank::world]``; the averaged gradients are those of the global
-    batch. BatchNorm sees the slice (SyncBatchNorm on GPUs; it has no CPU implementation)."""
+    batch. BatchNorm sees the slice (SyncBatchNorm on GPUs; it has no CPU implementation).
+
+    ``labels``: a folder written by ``unidd-fast relabel`` for this set and seed: the batches,
+    augmentation and teacher top-k logits are read from it and the teacher does not run."""
     ev = cfg.evaluate
     here = distributed.info()
     aug = make_augment(ev.augment, ev.crop_min, flip=cfg.data.flip)
@@ -131,14 +134,21 @@ def train_student(student: nn.Module, teacher: nn.Module, distilled, cfg: Config
         ids = [torch.cuda.current_device()] if device.type == "cuda" else None  # init() set this rank's GPU
         model = nn.parallel.DistributedDataParallel(model, device_ids=ids)
     teacher.eval()
+    if labels is not None:
+        from .relabel import StoredLabelBatches, kd_topk_loss
 
-    def loss_fn(x, _labels):
-        x = cutmix(aug(x, generator), ev.cutmix, generator)
-        if world > 1:
-            x = x[rank::world]
-        with torch.no_grad():
-            target = teacher(x)
-        return kd_loss(model(x), target, ev.temperature, ev.kd_t2)
+        train = StoredLabelBatches(labels, distilled, ev, cfg.data.flip, device, seed, world, rank)
+
+        def loss_fn(x, stored):
+            return kd_topk_loss(model(x), *stored, ev.temperature, ev.kd_t2)
+    else:
+        def loss_fn(x, _labels):
+            x = cutmix(aug(x, generator), ev.cutmix, generator)
+            if world > 1:
+                x = x[rank::world]
+            with torch.no_grad():
+                target = teacher(x)
+            return kd_loss(model(x), target, ev.temperature, ev.kd_t2)
 
     checkpoint = None
     if checkpoint_path is not None:
@@ -149,7 +159,7 @@ def train_student(student: nn.Module, teacher: nn.Module, distilled, cfg: Config
 
 
 def evaluate_set(cfg: Config, data: Data, teacher: nn.Module, spec: dict, path, seed: int, device,
-                 log=None, label: str = "", checkpoint_path=None) -> tuple[float, int]:
+                 log=None, label: str = "", checkpoint_path=None, labels=None) -> tuple[float, int]:
     """(test top-1 of a student trained on the distilled set at ``path``, its image count)."""
     distilled, count = load_distilled(path, data)
     arch = cfg.evaluate.arch or spec["arch"]
@@ -157,7 +167,7 @@ def evaluate_set(cfg: Config, data: Data, teacher: nn.Module, spec: dict, path, 
         student = build_model(arch, data.num_classes, data.image_size, data.channels, spec["width"],
                               spec["depth"]).to(device)
     train_student(student, teacher, distilled, cfg, device, seed, desc=f"evaluate {label}".strip(), log=log,
-                  checkpoint_path=checkpoint_path)
+                  checkpoint_path=checkpoint_path, labels=labels)
     return accuracy(student, Batches(data.test, 256, device=device, workers=cfg.data.workers)), count
 
 
@@ -170,25 +180,39 @@ def _describe(entry: dict | str, data: Data, seeds: list) -> list[dict]:
     return [{"method": name, "ipc": None, "seed": s, "path": str(entry)} for s in seeds]
 
 
+def describe_jobs(distilled: list, data: Data, seeds: list) -> list[dict]:
+    """The evaluation jobs of ``distilled`` in order (``relabel`` writes job i into set{i:03d}/)."""
+    return [job for entry in distilled for job in _describe(entry, data, seeds)]
+
+
+def prepare_jobs(cfg: Config, teacher_path, distilled: list):
+    """(device, data, frozen teacher, its spec, the jobs, the stage's input files) of an
+    evaluate or relabel run over ``distilled``."""
+    device = setup_device(cfg)
+    data = prepare_data(cfg)
+    teacher, spec = load_teacher(teacher_path, device)
+    check_teacher(spec, data)
+    teacher.requires_grad_(False)
+    jobs = describe_jobs(distilled, data, cfg.seeds)
+    inputs = {"teacher": teacher_path, "distilled": list(dict.fromkeys(_input_file(j["path"]) for j in jobs))}
+    return device, data, teacher, spec, jobs, inputs
+
+
 def _input_file(path) -> str:
     """The file that holds a distilled set, where there is one (for the run's fingerprint)."""
     path = Path(path).expanduser()
     return str(path / DISTILLED_FILE) if (path / DISTILLED_FILE).is_file() else str(path)
 
 
-def run(cfg: Config, out: RunDir, teacher_path, distilled: list) -> dict:
+def run(cfg: Config, out: RunDir, teacher_path, distilled: list, labels=None) -> dict:
     """Evaluate every distilled set in ``distilled`` (records from recover, or paths).
 
     Resumable: each finished set's record is kept in ``checkpoints/evaluate/set{i}.json``
     and the set in training has an epoch checkpoint beside it, so a rerun into the same
     directory skips the finished sets and continues the current one."""
-    device = setup_device(cfg)
-    data = prepare_data(cfg)
-    teacher, spec = load_teacher(teacher_path, device)
-    check_teacher(spec, data)
-    teacher.requires_grad_(False)
-    jobs = [job for entry in distilled for job in _describe(entry, data, cfg.seeds)]
-    inputs = {"teacher": teacher_path, "distilled": list(dict.fromkeys(_input_file(j["path"]) for j in jobs))}
+    device, data, teacher, spec, jobs, inputs = prepare_jobs(cfg, teacher_path, distilled)
+    if labels is not None:
+        inputs["labels"] = str(Path(labels).expanduser().resolve())
     if (done := out.start("evaluate", cfg, inputs)) is not None:
         return done
     here = distributed.info()
@@ -211,7 +235,8 @@ def run(cfg: Config, out: RunDir, teacher_path, distilled: list) -> dict:
             continue
         label = f"{job['method']} ipc={job['ipc']} seed={job['seed']}"
         acc, count = evaluate_set(cfg, data, teacher, spec, job["path"], job["seed"], device, out.log, label,
-                                  checkpoint_path=progress_dir / f"set{i:03d}.pt")
+                                  checkpoint_path=progress_dir / f"set{i:03d}.pt",
+                                  labels=Path(labels).expanduser() / f"set{i:03d}" if labels is not None else None)
         ipc = job["ipc"] if job["ipc"] is not None else round(count / data.num_classes)
         records.append({"method": job["method"], "ipc": ipc, "seed": job["seed"], "accuracy": acc})
         if here.is_main:

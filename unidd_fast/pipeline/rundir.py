@@ -41,6 +41,7 @@ STAGE_KEYS = {
     "stats": ("data", "model", "recover.sites"),
     "recover": ("data", "model", "recover", "ipc", "seeds"),
     "evaluate": ("data", "model", "evaluate", "seeds"),
+    "relabel": ("data", "model", "evaluate", "seeds"),
 }
 # What each stage writes into its run directory, as regular expressions over paths relative
 # to it; ``force`` deletes the files of the earlier stage that match (and their temporaries)
@@ -53,6 +54,7 @@ STAGE_FILES = {
     "stats": r"stats\.safetensors|checkpoints/stats\.safetensors",
     "recover": rf"(?:ipc\d+_seed\d+/)?{_SET}",
     "evaluate": r"checkpoints/evaluate/(?:teacher\.json|set\d{3}\.(?:json|pt))",
+    "relabel": r"set\d{3}/epoch\d{4}\.safetensors",
 }
 STAGE_FILES["distill"] = "summary\\.json|" + "|".join(
     rf"{folder}/(?:{_CLAIM}|{STAGE_FILES[stage]})"

@@ -88,6 +88,8 @@ def fit(model: nn.Module, batches: Batches, epochs: int, optimizer: torch.optim.
     mean_loss = float("nan")
     bar = progress(range(start, epochs), desc=desc)
     for epoch in bar:
+        if hasattr(batches, "set_epoch"):  # batches read per epoch from files (stored relabel targets)
+            batches.set_epoch(epoch)
         running = torch.zeros((), device=batches.device)
         count = 0
         for x, y in progress(batches, desc=f"{desc} epoch {epoch + 1}", total=len(batches)):
