@@ -19,7 +19,7 @@ from unidd_fast.pipeline import config
 from unidd_fast.pipeline.datasets import TensorImages
 from unidd_fast.pipeline.evaluate import train_student
 from unidd_fast.pipeline.models import build_model
-from unidd_fast.pipeline.relabel import record
+from unidd_fast.pipeline.labels import record
 
 GEOMETRIES = {  # name: (arch, image side, channels, classes, dataset preset)
     "digits convnet": ("convnet", 16, 1, 10, "digits"),

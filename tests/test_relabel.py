@@ -7,7 +7,7 @@ from unidd_fast.pipeline import config
 from unidd_fast.pipeline.datasets import TensorImages
 from unidd_fast.pipeline.evaluate import kd_loss, train_student
 from unidd_fast.pipeline.models import build_model
-from unidd_fast.pipeline.relabel import StoredLabelBatches, kd_topk_loss, record
+from unidd_fast.pipeline.labels import StoredLabelBatches, kd_topk_loss, record
 
 C = 5
 

@@ -135,7 +135,7 @@ def train_student(student: nn.Module, teacher: nn.Module, distilled, cfg: Config
         model = nn.parallel.DistributedDataParallel(model, device_ids=ids)
     teacher.eval()
     if labels is not None:
-        from .relabel import StoredLabelBatches, kd_topk_loss
+        from .labels import StoredLabelBatches, kd_topk_loss
 
         train = StoredLabelBatches(labels, distilled, ev, cfg.data.flip, device, seed, world, rank)
 
