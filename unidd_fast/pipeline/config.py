@@ -104,7 +104,7 @@ class EvalConfig:
     batch_size: int = 64
     temperature: float = 30.0
     kd_t2: bool = False         # multiply the KD loss by T² (Hinton); SRe2L and the release do not
-    label_topk: int = 10        # relabel: teacher logits kept per augmented image (0: all classes)
+    label_topk: int = 0         # relabel: teacher logits kept per augmented image (0: all classes)
     cutmix: float = 0.0         # probability of CutMix per batch
     augment: str = "crop"
     crop_min: float = 0.08
