@@ -296,6 +296,43 @@ def test_state_file_continues_a_run_split_by_ipc_range(gen, tmp_path):
         sre2l.CFMState.load(tmp_path / "missing.safetensors")
 
 
+def test_run_split_by_ipc_range_equals_one_run(gen, tmp_path):
+    """SRe2L's --ipc-start/--ipc-end split: job 1 makes ipc 0-1 and saves the EMU state, job 2
+    loads it and makes ipc 2, with the curriculum total of the whole run: the images equal
+    those of one uninterrupted run (and differ without the state file)."""
+    stats = make_stats(teacher(), gen)
+
+    def run_range(ipc_ids, state, total=3):
+        out = []
+        for ipc_id in ipc_ids:
+            model = teacher()
+            hooks = sre2l.cfm_hooks(model, stats, beta=0.2, state=state, curriculum_total=total, backend="torch")
+            hooks.set_curriculum(ipc_id)
+            g = torch.Generator().manual_seed(100 + ipc_id)
+            for _ in range(2):
+                inputs = torch.randn(C, 3, 6, 6, generator=g, dtype=torch.float64, requires_grad=True)
+                opt = torch.optim.Adam([inputs], lr=0.05, betas=(0.5, 0.9))
+                hooks.set_targets(torch.arange(C))
+                for _ in range(3):
+                    opt.zero_grad()
+                    loss = F.cross_entropy(model(inputs), torch.arange(C)) + sum(h.r_feature for h in hooks)
+                    loss.backward()
+                    opt.step()
+                out.append(inputs.detach().clone())
+                hooks.next_batch()
+            hooks.close()
+        return out
+
+    whole = run_range(range(3), sre2l.CFMState())
+    first_state = sre2l.CFMState()
+    first = run_range(range(2), first_state)
+    first_state.save(tmp_path / "emu.safetensors")  # end of job 1
+    second = run_range(range(2, 3), sre2l.CFMState.load(tmp_path / "emu.safetensors"))  # job 2
+    torch.testing.assert_close(torch.stack(first + second), torch.stack(whole), rtol=0, atol=0)
+    without = run_range(range(2, 3), sre2l.CFMState())
+    assert (torch.stack(without) - torch.stack(whole[4:])).abs().max() > 1e-6
+
+
 def test_curriculum_total_is_the_whole_run_not_the_ipc_range(gen):
     model = teacher()
     stats = make_stats(model, gen)
