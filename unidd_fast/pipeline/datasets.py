@@ -36,6 +36,7 @@ from torchvision import datasets as tvd
 from torchvision import transforms as T
 
 from ..errors import ConfigError
+from .fingerprint import fingerprint
 from ..progress import progress
 from . import shapes
 
@@ -494,8 +495,6 @@ def load_data(cfg) -> Data:
 def dataset_fingerprint(cfg) -> dict:
     """What identifies the images a stage reads: the dataset, its root folder (names, sizes
     and modification times of its files) and the settings that shape the images."""
-    from .rundir import fingerprint
-
     return {"dataset": cfg.dataset, "data": fingerprint(cfg.data) if cfg.data and cfg.dataset != "digits" else None,
             "image_size": cfg.image_size, "channels": cfg.channels, "mean": list(cfg.mean), "std": list(cfg.std),
             "resize_ratio": cfg.resize_ratio, "test_size": cfg.test_size, "split_seed": cfg.split_seed}

@@ -13,7 +13,6 @@ Under torchrun every rank checks, only rank 0 writes.
 from __future__ import annotations
 
 import fcntl
-import hashlib
 import json
 import os
 import re
@@ -28,6 +27,7 @@ from ..errors import ConfigError
 from ..real_stats import atomic_write
 from .config import Config, validate
 from .config import from_dict as config_from_dict
+from .fingerprint import fingerprint
 
 RUN_FILE = "run.json"
 LOCK_FILE = ".unidd-lock"  # flock()ed by the process running a stage here; says who it is
@@ -61,7 +61,6 @@ STAGE_FILES["distill"] = "summary\\.json|" + "|".join(
     for folder, stage in (("squeeze", "squeeze"), ("stats", "stats"), ("recover/[^/]+", "recover"),
                           ("evaluate", "evaluate")))
 TEMPORARY = re.compile(r"\.(.+)\.[a-z0-9_]+\.tmp")  # atomic_write's temporary file of .../NAME
-HASH_LIMIT = 2**30  # input files up to this size are fingerprinted by content, larger ones by size and mtime
 
 
 def write_json(path, obj) -> None:
@@ -97,42 +96,6 @@ def config_diff(old: dict, new: dict, stage: str) -> list[str]:
         if (list(a) if isinstance(a, (list, tuple)) else a) != (list(b) if isinstance(b, (list, tuple)) else b):
             diff.append(key)
     return diff
-
-
-def fingerprint(path) -> dict:
-    """What identifies an input file or folder: its absolute path and content hash (size and
-    mtime for files over HASH_LIMIT); for a folder (an ImageFolder dataset or distilled set)
-    a hash of the names, sizes and modification times of every file under it."""
-    path = Path(path).expanduser().resolve()
-    if path.is_dir():
-        return {"path": str(path), **tree_fingerprint(path)}
-    if not path.is_file():
-        return {"path": str(path)}
-    size = path.stat().st_size
-    if size > HASH_LIMIT:
-        return {"path": str(path), "size": size, "mtime_ns": path.stat().st_mtime_ns}
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 22), b""):
-            digest.update(block)
-    return {"path": str(path), "sha256": digest.hexdigest()}
-
-
-def tree_fingerprint(folder: Path) -> dict:
-    """{"files": count, "tree": sha256 of every file's relative path, size and mtime} under
-    ``folder`` (following symbolic links, as ImageFolder does); one stat per file, no reads."""
-    digest, count = hashlib.sha256(), 0
-    for root, dirs, names in os.walk(folder, followlinks=True):
-        dirs.sort()
-        for name in sorted(names):
-            file = Path(root) / name
-            try:
-                st = file.stat()
-            except OSError:
-                continue  # a dangling link: no image either
-            digest.update(f"{file.relative_to(folder).as_posix()}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
-            count += 1
-    return {"files": count, "tree": digest.hexdigest()}
 
 
 def _show(value) -> str:
