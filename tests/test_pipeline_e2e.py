@@ -3,10 +3,11 @@ squeeze → stats → recover → evaluate, the digits default, the run-director
 import json
 
 import pytest
-from safetensors.torch import load_file
+import torch
 
 from _pipeline_data import write_cifar, write_image_folders, write_tiny_imagenet
 from unidd_fast.cli import main
+from unidd_fast.pipeline.distilled import read_set
 
 TINY = ["--quiet", "--device", "cpu", "--set", "threads=1", "--set", "model.width=8", "--set",
         "model.depth=1", "--set", "data.image_size=8", "--set", "data.workers=0", "--set", "squeeze.epochs=1",
@@ -40,8 +41,8 @@ def test_every_reader_runs_the_four_stages(tmp_path, capsys, kind):
     assert config["model"]["arch"] == ("resnet18" if kind == "cifar10" else "convnet")
     assert sorted(p.name for p in runs.joinpath("rc").glob("new*")) == ["new000", "new001", "new002"]
     assert (runs / "rc" / "new002" / "class002_id000.png").is_file()
-    images = load_file(str(runs / "rc" / "distilled.safetensors"))["images"]
-    assert images.shape == (3, 3, 8, 8) and 0 <= float(images.min()) and float(images.max()) <= 1
+    images, labels = read_set(runs / "rc")
+    assert images.shape == (3, 3, 8, 8) and images.dtype == torch.uint8 and labels.tolist() == [0, 1, 2]
     results = json.loads((runs / "ev" / "results.json").read_text())
     (record,) = results["results"]
     assert record["method"] == "cfm" and record["ipc"] == 1 and 0 <= record["accuracy"] <= 1

@@ -4,9 +4,10 @@ import torch
 import torch.nn.functional as F
 
 from unidd_fast.errors import ConfigError
-from unidd_fast.pipeline.datasets import Data, TensorImages
+from unidd_fast.pipeline.datasets import Batches, Data, TensorImages
+from unidd_fast.pipeline.distilled import SetWriter, read_set
 from unidd_fast.pipeline.evaluate import kd_loss, load_distilled, summary_table
-from unidd_fast.pipeline.recover import SetWriter, plan_class_batches
+from unidd_fast.pipeline.recover import plan_class_batches
 
 
 def test_kd_loss_is_batchmean_kl_optionally_t2_scaled(gen):
@@ -36,19 +37,21 @@ def _write_set(root, gen, classes=3, ipc=2):
     return writer.finish(plan, {})
 
 
-def test_png_folder_and_tensor_file_give_the_same_set(gen, tmp_path):
-    path = _write_set(tmp_path, gen)
+def test_run_directory_index_and_image_folder_are_the_same_8bit_set(gen, tmp_path):
+    index = _write_set(tmp_path, gen)
     data = _data()
-    from_file, n = load_distilled(tmp_path, data)
-    (tmp_path / path.name).unlink()
-    from_pngs, m = load_distilled(tmp_path, data)  # SRe2L layout new{c:03d}/class{c:03d}_id{i:03d}.png
-    assert n == m == 6
-    a = from_file.batch(torch.arange(6))
-    b = from_pngs.batch(torch.arange(6))
-    order_a, order_b = a[1].argsort(stable=True), b[1].argsort(stable=True)
-    assert a[1][order_a].tolist() == b[1][order_b].tolist() == [0, 0, 1, 1, 2, 2]
-    # 8-bit PNG quantisation: half a grey level, divided by std 0.25 after normalisation
-    torch.testing.assert_close(a[0][order_a], b[0][order_b], atol=0.5 / 255 / 0.25 + 1e-6, rtol=0)
+    by_dir, n = load_distilled(tmp_path, data)
+    by_index, m = load_distilled(index, data)
+    stored, labels = read_set(tmp_path)
+    assert n == m == 6 and by_dir.samples == by_index.samples
+    x, y = next(iter(Batches(by_dir, 6, workers=1)))  # through a DataLoader worker
+    assert y.tolist() == labels.tolist() == [0, 0, 1, 1, 2, 2]
+    # exactly the stored 8-bit pixels, normalised as the in-memory datasets do
+    want = TensorImages(stored, labels, (0.5,), (0.25,), 4).batch(torch.arange(6))[0]
+    assert torch.equal(x, want)
+    (tmp_path / "new001" / "class001_id000.png").unlink()
+    with pytest.raises(ConfigError, match="lists 6 images but the class folders hold 5"):
+        load_distilled(tmp_path, data)
 
 
 def test_foreign_folders_map_classes_by_name(gen, tmp_path):
@@ -59,7 +62,7 @@ def test_foreign_folders_map_classes_by_name(gen, tmp_path):
         Image.new("L", (6, 6), 128).save(tmp_path / name / "x.png")
     ds, n = load_distilled(tmp_path, _data())
     assert n == 2 and sorted(ds.labels.tolist()) == [0, 2]
-    assert ds.batch(torch.arange(2))[0].shape == (2, 1, 4, 4)  # resized to the dataset's side
+    assert ds[0][0].shape == (1, 4, 4)  # resized to the dataset's side
     (tmp_path / "sre2l" / "new009").mkdir(parents=True)
     Image.new("L", (4, 4)).save(tmp_path / "sre2l" / "new009" / "class009_id000.png")
     with pytest.raises(ConfigError, match="exceed the dataset's 3 classes"):
@@ -96,3 +99,22 @@ def test_distill_starts_pair_real_initialised_methods_with_the_random_real_subse
     assert distill.starts(cfg) == {"cfm": "random-real"}
     cfg.recover.init = "noise"
     assert distill.starts(cfg) == {}
+
+
+def test_evaluate_from_the_run_equals_evaluate_of_its_image_folder(tmp_path):
+    import json
+
+    from _tiny_runs import squeeze_and_stats
+    from unidd_fast.cli import main
+
+    sq, st = squeeze_and_stats(tmp_path)  # digits at 8 px
+    rc = tmp_path / "rc"
+    assert main(["recover", "--from", str(st), "--out", str(rc), "--ipc", "2", "--seeds", "0", "--iterations", "3",
+                 "--quiet"]) == 0
+    flags = ["--seeds", "0", "--set", "evaluate.epochs=3", "--set", "evaluate.batch_size=8", "--set",
+             "data.workers=1", "--quiet"]
+    assert main(["evaluate", "--from", str(rc), "--out", str(tmp_path / "ev_run"), *flags]) == 0
+    assert main(["evaluate", "--from", str(sq), "--distilled", str(rc), "--out", str(tmp_path / "ev_folder"),
+                 *flags]) == 0
+    (a,), (b,) = (json.loads((tmp_path / d / "results.json").read_text())["results"] for d in ("ev_run", "ev_folder"))
+    assert a["accuracy"] == b["accuracy"] and 0 < a["accuracy"] <= 1

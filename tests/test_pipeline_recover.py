@@ -2,14 +2,14 @@
 the SRe2L BN-matching baseline against its formula."""
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from unidd_fast import CFMLoss, collect_real_stats
 from unidd_fast.errors import ConfigError
 from unidd_fast.pipeline.augment import Augment, make_augment
 from unidd_fast.pipeline.config import RecoverConfig
+from unidd_fast.pipeline.distilled import INDEX_FILE, SetWriter, read_index, read_set
 from unidd_fast.pipeline.models import build_model
-from unidd_fast.pipeline.recover import (SetWriter, curriculum, pick_real, pixel_bounds, plan_class_batches,
+from unidd_fast.pipeline.recover import (curriculum, pick_real, pixel_bounds, plan_class_batches,
                                          recover_class_batch, recover_set, recover_step)
 from unidd_fast.pipeline.sre2l_loss import BNMatchLoss
 from unidd_fast.regularizer import Regularizer
@@ -139,23 +139,28 @@ def test_class_batch_output_is_written_when_the_batch_finishes(gen, tmp_path):
     assert names == ["new000/class000_id000.png", "new000/class000_id001.png", "new001/class001_id000.png",
                      "new001/class001_id001.png", "new002/class002_id000.png"]
     assert not list(tmp_path.rglob("*.tmp"))
-    done = sorted(p.name for p in (tmp_path / "batches").iterdir())
-    assert done == ["ipc000_batch0000.safetensors", "ipc000_batch0001.safetensors", "ipc001_batch0002.safetensors"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["new000", "new001", "new002"]  # no other copy
 
 
-def test_set_writer_joins_batches_in_ipc_then_class_order(gen, tmp_path):
+def test_set_writer_stores_the_8bit_pixels_and_indexes_them_last(gen, tmp_path):
     plan = plan_class_batches(3, ipc=2, batch_size=2)
     mean, std = (0.5,), (0.25,)
     writer = SetWriter(tmp_path, mean, std)
     pixels = {}
     for cb in plan:
         p = torch.rand(len(cb.classes), 1, 4, 4, generator=gen)
-        pixels[cb.index] = p
+        pixels[cb.index] = (p * 255).round().to(torch.uint8)
         writer.write(cb, (p - 0.5) / 0.25)
-    out = load_file(str(writer.finish(plan, {"method": "test"})))
-    assert out["labels"].tolist() == [0, 1, 2, 0, 1, 2]
-    # float32 normalise/denormalise round trip on values of order 1
-    torch.testing.assert_close(out["images"], torch.cat([pixels[i] for i in range(4)]), atol=1e-6, rtol=0)
+        assert not (tmp_path / INDEX_FILE).exists()
+    index = read_index(writer.finish(plan, {"method": "test"}))
+    assert (index["count"], index["shape"], index["num_classes"], index["method"]) == (6, [1, 4, 4], 3, "test")
+    images, labels = read_set(tmp_path)
+    assert labels.tolist() == [0, 0, 1, 1, 2, 2]  # class folder, then ipc index
+    want = torch.cat([pixels[i] for i in range(4)])[torch.tensor([0, 3, 1, 4, 2, 5])]
+    assert images.dtype == torch.uint8 and torch.equal(images, want)  # float32 round trip, then exact
+    writer.image_file(1, 1).unlink()
+    with pytest.raises(ConfigError, match="1 images of the distilled set are missing"):
+        writer.finish(plan, {})
 
 
 def test_class_batch_reaches_the_target_class(gen):

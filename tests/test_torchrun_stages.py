@@ -21,11 +21,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from _tiny_runs import ROOT, env, squeeze_and_stats, torchrun, torchrun_command
 from unidd_fast import RealStats
 from unidd_fast.cli import main
+from unidd_fast.pipeline.distilled import INDEX_FILE, read_set
+from unidd_fast.pipeline.recover import plan_class_batches
 
 # 6 class-batches in 3 rounds, each long enough (~0.3 s) for the kill test to land mid-run
 RECOVER = ["--ipc", "3", "--seeds", "0", "--set", "recover.batch_size=5", "--iterations", "200", "--quiet"]
@@ -71,20 +72,21 @@ def two_rank_recover(runs, emu: bool) -> Path:
 def test_recover_two_ranks_against_one_process(runs, emu):
     two, one = two_rank_recover(runs, emu), runs["root"] / f"rc1_emu{emu}"
     assert main(["recover", "--from", str(runs["st"]), "--out", str(one), *RECOVER, "--set", f"recover.emu={emu}"]) == 0
-    names = sorted(p.name for p in (one / "batches").iterdir())
-    assert names == sorted(p.name for p in (two / "batches").iterdir()) and len(names) == 6  # none missing
-    assert sorted(p.relative_to(two) for p in two.glob("new*/*.png")) == \
-        sorted(p.relative_to(one) for p in one.glob("new*/*.png"))
+    names = sorted(p.relative_to(one) for p in one.glob("new*/*.png"))
+    assert names == sorted(p.relative_to(two) for p in two.glob("new*/*.png")) and len(names) == 30  # none missing
     assert not (two / "checkpoints").exists()
-    got, want = load_file(str(two / "distilled.safetensors")), load_file(str(one / "distilled.safetensors"))
-    assert torch.equal(got["labels"], want["labels"]) and torch.isfinite(got["images"]).all()
-    same = [torch.equal(load_file(str(two / "batches" / n))["images"], load_file(str(one / "batches" / n))["images"])
-            for n in names]
+    (got, got_labels), (want, want_labels) = read_set(two), read_set(one)
+    assert torch.equal(got_labels, want_labels)
+    # class-batch b holds the classes 5·(b mod 2) .. +4 of ipc index b // 2
+    plan = plan_class_batches(10, 3, 5)
+    same = [all((two / n).read_bytes() == (one / n).read_bytes() for n in names
+                if int(n.parent.name[3:]) in cb.classes.tolist() and n.stem.endswith(f"id{cb.ipc_index:03d}"))
+            for cb in plan]
     if emu:
         # class-batch 1 starts from no EMU on both; the others see other running means
         assert same == [True] + [False] * 5
     else:
-        assert all(same) and torch.equal(got["images"], want["images"])
+        assert all(same) and torch.equal(got, want)
     log = (two / "log.txt").read_text()
     assert "class-batch 1/6" in log and "class-batch 5/6" in log and "class-batches ..6 are finished" in log
 
@@ -120,14 +122,14 @@ def test_recover_two_ranks_killed_and_resumed_is_bit_identical(runs):
     for pid in workers:  # gone (or a zombie): nothing more is written
         while _alive(pid):
             time.sleep(0.01)
-    finished = (out / "distilled.safetensors").exists()  # only if the kill came after the last round
+    finished = (out / INDEX_FILE).exists()  # only if the kill came after the last round
     assert finished or len(list((out / "checkpoints").glob("recover_rank*.safetensors"))) == 2
 
     _ok(torchrun(*argv))
     log = (out / "log.txt").read_text()
     assert finished or re.search(r"resuming after class-batch [246]/6", log), log
-    got, want = load_file(str(out / "distilled.safetensors")), load_file(str(reference / "distilled.safetensors"))
-    assert torch.equal(got["images"], want["images"]) and torch.equal(got["labels"], want["labels"])
+    (got, got_labels), (want, want_labels) = read_set(out), read_set(reference)
+    assert torch.equal(got, want) and torch.equal(got_labels, want_labels)
     assert not (out / "checkpoints").exists()
 
 

@@ -53,14 +53,18 @@ class Augment:
         theta = torch.stack([torch.stack([w * sign, zero, cx], 1), torch.stack([zero, h, cy], 1)], 1)
         return theta.to(dtype)
 
-    def __call__(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        x = warp(x, self.theta(x.shape[0], generator, x.device, x.dtype))
+    def __call__(self, x: torch.Tensor, generator: torch.Generator | None = None, draws: int | None = None,
+                 rows: torch.Tensor | None = None) -> torch.Tensor:
+        """``draws``/``rows``: draw the warps of a batch of ``draws`` images and apply rows
+        ``rows`` (n,) of them to x (a rank's part of a global batch, torchrun)."""
+        theta = self.theta(draws or x.shape[0], generator, x.device, x.dtype)
+        x = warp(x, theta if rows is None else theta[rows])
         if self.jitter > 0:  # index arithmetic on the device: no host sync, unlike torch.roll with drawn ints
             off = torch.randint(0, self.jitter + 1, (2,), generator=generator, device=x.device)
             height, width = x.shape[-2:]
-            rows = (torch.arange(height, device=x.device) - off[0]) % height
-            cols = (torch.arange(width, device=x.device) - off[1]) % width
-            x = x.index_select(-2, rows).index_select(-1, cols)
+            ys = (torch.arange(height, device=x.device) - off[0]) % height
+            xs = (torch.arange(width, device=x.device) - off[1]) % width
+            x = x.index_select(-2, ys).index_select(-1, xs)
         return x
 
 
@@ -85,13 +89,15 @@ def make_augment(kind: str, crop_min: float = 0.08, shift: float = 0.125, flip: 
     raise ValueError(f"unknown augmentation {kind!r}")
 
 
-def cutmix(x: torch.Tensor, prob: float, generator: torch.Generator | None = None) -> torch.Tensor:
+def cutmix(x: torch.Tensor, prob: float, generator: torch.Generator | None = None, draws: int | None = None,
+           rows: torch.Tensor | None = None) -> torch.Tensor:
     """CutMix without labels (the teacher labels the mixed image): with probability ``prob``
     per image, paste a random box (area fraction uniform in [0, 1]) from the next image of
-    the batch. x (n, c, h, w) -> same shape."""
+    the batch. x (n, c, h, w) -> same shape. ``draws``/``rows`` as for ``Augment``."""
     if prob <= 0:
         return x
-    return apply_cutmix(x, cutmix_boxes(x.shape[0], prob, generator, x.device))
+    boxes = cutmix_boxes(draws or x.shape[0], prob, generator, x.device)
+    return apply_cutmix(x, boxes if rows is None else boxes[rows])
 
 
 def cutmix_boxes(n: int, prob: float, generator, device) -> torch.Tensor:

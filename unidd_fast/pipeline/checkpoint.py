@@ -80,8 +80,8 @@ class RecoverCheckpoint:
       class-batches are dealt round-robin and a round ends with all of its batches;
     - the regulariser's EMU state after them (identical on every rank after ``merge_emu``)
       and its step counter;
-    - the pixels of the class-batch this rank finished in that round, so that a kill between
-      this file and the set's image files loses nothing: ``load`` hands them back to write.
+    - the 8-bit pixels (uint8) of the class-batch this rank finished in that round, so that a
+      kill between this file and the set's image files loses nothing: ``load`` hands them back.
 
     The checkpoint is committed before the set's files of the batch are written: a batch
     with files on disk is never recomputed in one process. Under torchrun a round whose

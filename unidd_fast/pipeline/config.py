@@ -38,7 +38,7 @@ class DataConfig:
     resize_ratio: float = 1.0   # ImageFolder: resize the short side to image_size·ratio, centre crop
     test_size: float = 0.25     # digits: fraction held out (stratified) as the test set
     split_seed: int = 0         # digits: the split's seed; shapes: the generator's
-    workers: int = 2            # DataLoader workers for ImageFolder datasets
+    workers: int = -1           # DataLoader workers for image files; -1: the cores (capped at 16)
 
 
 @dataclass
@@ -364,7 +364,7 @@ RULES: dict[str, tuple] = {
     "data.resize_ratio": (lambda v: v >= 1, "a ratio >= 1 (resize the short side to image_size·ratio, then crop)"),
     "data.test_size": (lambda v: 0 < v < 1, "a fraction in (0, 1)"),
     "data.split_seed": (lambda v: 0 <= v < 2**32, "a seed in [0, 2**32)"),
-    "data.workers": (lambda v: 0 <= v <= 64, "a worker count >= 0 and <= 64"),
+    "data.workers": (lambda v: -1 <= v <= 64, "a worker count >= 0 and <= 64, or -1 for the machine's cores"),
     "model.width": (lambda v: 1 <= v <= 4096, "a channel count >= 1 and <= 4096"),
     "model.depth": (lambda v: 1 <= v <= 16, "a block count >= 1 and <= 16"),
     "squeeze.epochs": (_non_negative, "an epoch count >= 0"),

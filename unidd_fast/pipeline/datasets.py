@@ -21,6 +21,7 @@ from __future__ import annotations
 import codecs
 import functools
 import math
+import os
 import pickle
 import warnings
 from concurrent.futures import ThreadPoolExecutor
@@ -31,7 +32,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision import datasets as tvd
 from torchvision import transforms as T
 
@@ -110,37 +111,72 @@ class ImageList(Dataset):
         return self.transform(self.loader(path)), label
 
 
-class Batches:
-    """Re-iterable (images, labels) batches on ``device``; each pass reshuffles with
-    ``generator`` when ``shuffle``. In-memory datasets are sliced a whole batch at a time;
-    others go through a DataLoader with ``workers`` processes."""
+MAX_WORKERS = 16  # default DataLoader workers per process: the cores it may use, at most this
 
-    def __init__(self, dataset: Dataset, batch_size: int, shuffle: bool = False,
-                 generator: torch.Generator | None = None, device="cpu", drop_last: bool = False, workers: int = 0):
-        if len(dataset) == 0:
-            raise ConfigError("the dataset is empty")
-        self.dataset, self.shuffle, self.generator = dataset, shuffle, generator
-        self.batch_size = min(int(batch_size), len(dataset))
-        self.device, self.drop_last, self.workers = torch.device(device), drop_last, workers
+
+def resolve_workers(workers: int) -> int:
+    """DataLoader worker processes: ``workers`` when >= 0, else (data.workers = -1, the
+    default) this process's share of the cores it may use (divided among the torchrun
+    processes of the node), capped at MAX_WORKERS."""
+    if workers >= 0:
+        return workers
+    share = len(os.sched_getaffinity(0)) // max(int(os.environ.get("LOCAL_WORLD_SIZE", 1)), 1)
+    return max(1, min(share, MAX_WORKERS))
+
+
+class RankBatches(Sampler[list[int]]):
+    """Batch sampler: the global batches of one pass (a permutation drawn from ``generator``
+    when ``shuffle``, the same on every rank), of which this rank yields rows
+    ``rank, rank + world, ...``; so each rank reads only the images it trains on."""
+
+    def __init__(self, length: int, batch_size: int, shuffle: bool, generator, drop_last: bool, rank: int = 0,
+                 world: int = 1):
+        self.length, self.batch_size, self.shuffle, self.generator = length, batch_size, shuffle, generator
+        self.drop_last, self.rank, self.world = drop_last, rank, world
 
     def __len__(self) -> int:
-        n = len(self.dataset)
-        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+        n, b = self.length, self.batch_size
+        return n // b if self.drop_last else -(-n // b)
+
+    def __iter__(self):
+        n = self.length
+        order = torch.randperm(n, generator=self.generator) if self.shuffle else torch.arange(n)
+        for index in order.split(self.batch_size):
+            if self.drop_last and index.numel() < self.batch_size:
+                break
+            yield index[self.rank::self.world].tolist()
+
+
+class Batches:
+    """Re-iterable (images, labels) batches on ``device``; each pass reshuffles with
+    ``generator`` when ``shuffle``. ``part`` (rank, world): this rank's rows of every global
+    batch (torchrun). In-memory datasets are sliced a whole batch at a time; others stream
+    through one DataLoader with ``workers`` processes (kept across passes), pinned memory on CUDA."""
+
+    def __init__(self, dataset: Dataset, batch_size: int, shuffle: bool = False,
+                 generator: torch.Generator | None = None, device="cpu", drop_last: bool = False, workers: int = 0,
+                 part: tuple[int, int] = (0, 1)):
+        if len(dataset) == 0:
+            raise ConfigError("the dataset is empty")
+        self.dataset, self.device = dataset, torch.device(device)
+        self.batch_size = min(int(batch_size), len(dataset))
+        self.sampler = RankBatches(len(dataset), self.batch_size, shuffle, generator, drop_last, *part)
+        self.loader = None
+        if not isinstance(dataset, TensorImages):
+            self.loader = DataLoader(dataset, batch_sampler=self.sampler, num_workers=workers,
+                                     persistent_workers=workers > 0, pin_memory=self.device.type == "cuda")
+
+    def __len__(self) -> int:
+        return len(self.sampler)
 
     def __iter__(self):
         device = self.device
-        if isinstance(self.dataset, TensorImages):
-            n = len(self.dataset)
-            order = torch.randperm(n, generator=self.generator) if self.shuffle else torch.arange(n)
-            for index in order.split(self.batch_size):
-                if self.drop_last and index.numel() < self.batch_size:
-                    break
-                x, y = self.dataset.batch(index)
+        if self.loader is None:
+            for index in self.sampler:
+                x, y = self.dataset.batch(torch.tensor(index, dtype=torch.long))
                 yield x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             return
-        loader = DataLoader(self.dataset, batch_size=self.batch_size, shuffle=self.shuffle, generator=self.generator,
-                            drop_last=self.drop_last, num_workers=self.workers, pin_memory=device.type == "cuda")
-        for x, y in loader:
+        for x, y in self.loader:
             yield x.to(device, non_blocking=True), torch.as_tensor(y).to(device, non_blocking=True)
 
 

@@ -2,23 +2,21 @@
 distillation from the teacher and report its top-1 accuracy on the real test set.
 
 Every step the teacher labels the augmented (optionally CutMixed) batch the student sees:
-loss = T² · KL(softmax(t/T) ‖ softmax(s/T)), batch-mean (SRe2L / FKD style, paper Table 4).
-Distilled sets are read from our ``distilled.safetensors`` or from any ImageFolder tree of
-images (SRe2L's ``new{c:03d}/class{c:03d}_id{ipc:03d}.png`` or class-named folders), so
-other methods' outputs are evaluated the same way.
+loss = KL(softmax(t/T) ‖ softmax(s/T)), batch-mean (SRe2L / FKD style, paper Table 4; × T²
+with ``evaluate.kd_t2``).
+Distilled sets are read from their 8-bit image files through a DataLoader (``distilled.py``):
+our recover runs and any ImageFolder tree of images (SRe2L's
+``new{c:03d}/class{c:03d}_id{ipc:03d}.png`` or class-named folders) alike, so other methods'
+outputs are evaluated the same way, and ours on exactly the pixels handed over.
 """
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors import SafetensorError, safe_open
 from torch import nn
-from torchvision import transforms as T
-from torchvision.datasets.folder import IMG_EXTENSIONS, make_dataset
 
 from .. import distributed
 from ..errors import ConfigError
@@ -29,14 +27,13 @@ from .augment import cutmix, make_augment
 from .checkpoint import EpochCheckpoint
 from .checks import check_teacher
 from .config import Config
-from .datasets import Batches, Data, ImageList, TensorImages, image_loader, prepare_data, verify_images
+from .datasets import Batches, Data, TensorImages, prepare_data, resolve_workers, verify_images
+from .distilled import INDEX_FILE, ImageFiles, find_images
 from .models import build_model, load_teacher
-from .recover import DISTILLED_FILE
 from .rundir import RunDir, write_json
 from .train import accuracy, fit, lr_at, make_generator, make_optimizer, seeded, setup_device
 
-IN_MEMORY_BYTES = 2**31  # distilled sets larger than this (as uint8) are streamed from disk
-
+IN_MEMORY_BYTES = 2**31  # stored labels need the set in memory (uint8): at most this many bytes
 
 def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float,
             t2: bool = False) -> torch.Tensor:
@@ -49,55 +46,23 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperat
     return kl * (t * t) if t2 else kl
 
 
-def _folder_classes(names: list[str], data_classes: list[str]) -> dict[str, int]:
-    """Class index of each class folder: ``new{c:03d}`` -> c; dataset class names -> their
-    index; otherwise sorted order."""
-    if all(re.fullmatch(r"new\d+", n) for n in names):
-        return {n: int(n[3:]) for n in names}
-    if set(names) <= set(data_classes):
-        return {n: data_classes.index(n) for n in names}
-    return {n: i for i, n in enumerate(sorted(names))}
-
-
-def load_distilled(path, data: Data) -> tuple[torch.utils.data.Dataset, int]:
-    """(dataset of normalised images and labels, number of images) from a
-    ``distilled.safetensors``, a directory holding one, or an ImageFolder tree."""
-    path = Path(path).expanduser()
-    if path.is_dir() and (path / DISTILLED_FILE).is_file():
-        path = path / DISTILLED_FILE
-    if path.is_file():
-        try:
-            with safe_open(str(path), framework="pt") as handle:
-                images, labels = handle.get_tensor("images"), handle.get_tensor("labels")
-        except (SafetensorError, OSError) as exc:
-            raise ConfigError(f"{path} is not a readable distilled set ({exc}); rerun `unidd-fast recover`") from exc
-        if images.shape[1] != data.channels:
-            raise ConfigError(f"{path} has {images.shape[1]}-channel images, the dataset has {data.channels}")
-        return TensorImages(images, labels, data.mean, data.std, data.image_size), images.shape[0]
-    if not path.is_dir():
-        raise ConfigError(f"distilled set {path} does not exist; expected {DISTILLED_FILE} or an ImageFolder tree "
-                          "(new000/class000_id000.png, ...)")
-    names = sorted(e.name for e in path.iterdir() if e.is_dir() and e.name != "batches")
-    if not names:
-        raise ConfigError(f"{path} has no class folders; expected new{{c:03d}}/class{{c:03d}}_id{{i:03d}}.png")
-    class_to_idx = _folder_classes(names, list(data.classes))
-    bad = [n for n, c in class_to_idx.items() if c >= data.num_classes]
-    if bad:
-        raise ConfigError(f"{path}: class folders {bad[:3]} exceed the dataset's {data.num_classes} classes")
-    samples = make_dataset(str(path), class_to_idx, extensions=IMG_EXTENSIONS, allow_empty=True)
-    if not samples:
-        raise ConfigError(f"{path}: no images in its class folders")
+def load_distilled(path, data: Data, in_memory: bool = False) -> tuple[ImageFiles | TensorImages, int]:
+    """(dataset of normalised images and labels read from the image files, number of images)
+    of a distilled set: a recover run directory, its ``distilled.json``, or any ImageFolder tree.
+    ``in_memory``: the set's uint8 pixels in a ``TensorImages`` instead (stored labels index
+    and fingerprint the whole set), refused above IN_MEMORY_BYTES."""
+    samples = find_images(path, list(data.classes), data.num_classes)
     verify_images([p for p, _ in samples], desc="verify distilled")
-    size = data.image_size
-    resize = [T.Resize(size, antialias=True), T.CenterCrop(size)]
-    if len(samples) * data.channels * size * size > IN_MEMORY_BYTES:
-        transform = T.Compose(resize + [T.ToTensor(), T.Normalize(data.mean, data.std)])
-        return ImageList(samples, transform, image_loader(data.channels)), len(samples)
-    to_uint8 = T.Compose(resize + [T.PILToTensor()])
-    loader = image_loader(data.channels)
-    images = torch.stack([to_uint8(loader(p)) for p, _ in progress(samples, desc="load distilled")])
-    labels = torch.tensor([c for _, c in samples], dtype=torch.long)
-    return TensorImages(images, labels, data.mean, data.std, size), len(samples)
+    files = ImageFiles(samples, data.image_size, data.channels, data.mean, data.std)
+    if not in_memory:
+        return files, len(samples)
+    nbytes = len(samples) * data.channels * data.image_size ** 2
+    if nbytes > IN_MEMORY_BYTES:
+        raise ConfigError(f"stored labels (relabel, evaluate --labels) need the distilled set in memory; {path} "
+                          f"holds {nbytes / 2**30:.1f} GiB of pixels, more than {IN_MEMORY_BYTES / 2**30:.0f} GiB: "
+                          "evaluate it with online KD (without --labels)")
+    pixels = torch.stack([files.pixels(i) for i in progress(range(len(files)), desc="load distilled")])
+    return TensorImages(pixels, files.labels, data.mean, data.std, data.image_size), len(samples)
 
 
 @annotate("evaluate")
@@ -106,13 +71,15 @@ def train_student(student: nn.Module, teacher: nn.Module, distilled, cfg: Config
     """Online KD of ``student`` from ``teacher`` on ``distilled`` (cfg.evaluate settings),
     resumable from and checkpointed into ``checkpoint_path`` (every cfg.checkpoint_every s).
 
-    Under torchrun: DistributedDataParallel. Every rank draws the same global batch and the
-    same augmentation (one generator state on all ranks, so one checkpoint serves all), then
-    trains on its slice ``x[rank::world]``; the averaged gradients are those of the global
-    batch. BatchNorm sees the slice (SyncBatchNorm on GPUs; it has no CPU implementation).
+    Under torchrun: DistributedDataParallel. Every rank draws the same global batch order and
+    the augmentation of the whole global batch (one generator state on all ranks, so one
+    checkpoint serves all), but reads and trains on its rows ``rank::world`` only; the averaged
+    gradients are those of the global batch. BatchNorm sees the rank's rows (SyncBatchNorm on
+    GPUs; it has no CPU implementation).
 
     ``labels``: a folder written by ``unidd-fast relabel`` for this set and seed: the batches,
-    augmentation and teacher top-k logits are read from it and the teacher does not run."""
+    augmentation and teacher top-k logits are read from it and the teacher does not run
+    (``distilled`` is then the in-memory ``TensorImages`` of ``load_distilled(in_memory=True)``)."""
     ev = cfg.evaluate
     here = distributed.info()
     aug = make_augment(ev.augment, ev.crop_min, flip=cfg.data.flip)
@@ -122,7 +89,7 @@ def train_student(student: nn.Module, teacher: nn.Module, distilled, cfg: Config
     # a last batch smaller than the world would leave a rank without images
     short_tail = 0 < len(distilled) % min(ev.batch_size, len(distilled)) < world
     train = Batches(distilled, ev.batch_size, shuffle=True, generator=shuffle, device=device,
-                    workers=cfg.data.workers, drop_last=short_tail)
+                    workers=resolve_workers(cfg.data.workers), drop_last=short_tail, part=(rank, world))
     optimizer = make_optimizer(student.parameters(), ev.optimizer, ev.lr, ev.momentum, ev.weight_decay)
     model = student
     if world > 1:
@@ -143,9 +110,10 @@ def train_student(student: nn.Module, teacher: nn.Module, distilled, cfg: Config
             return kd_topk_loss(model(x), *stored, ev.temperature, ev.kd_t2)
     else:
         def loss_fn(x, _labels):
-            x = cutmix(aug(x, generator), ev.cutmix, generator)
-            if world > 1:
-                x = x[rank::world]
+            # this rank's rows of the global batch; the draws are made for a full global batch
+            rows = torch.arange(rank, rank + world * x.shape[0], world, device=x.device)
+            x = cutmix(aug(x, generator, draws=train.batch_size, rows=rows), ev.cutmix, generator,
+                       draws=train.batch_size, rows=rows)
             with torch.no_grad():
                 target = teacher(x)
             return kd_loss(model(x), target, ev.temperature, ev.kd_t2)
@@ -161,14 +129,14 @@ def train_student(student: nn.Module, teacher: nn.Module, distilled, cfg: Config
 def evaluate_set(cfg: Config, data: Data, teacher: nn.Module, spec: dict, path, seed: int, device,
                  log=None, label: str = "", checkpoint_path=None, labels=None) -> tuple[float, int]:
     """(test top-1 of a student trained on the distilled set at ``path``, its image count)."""
-    distilled, count = load_distilled(path, data)
+    distilled, count = load_distilled(path, data, in_memory=labels is not None)
     arch = cfg.evaluate.arch or spec["arch"]
     with seeded(seed):
         student = build_model(arch, data.num_classes, data.image_size, data.channels, spec["width"],
                               spec["depth"]).to(device)
     train_student(student, teacher, distilled, cfg, device, seed, desc=f"evaluate {label}".strip(), log=log,
                   checkpoint_path=checkpoint_path, labels=labels)
-    return accuracy(student, Batches(data.test, 256, device=device, workers=cfg.data.workers)), count
+    return accuracy(student, Batches(data.test, 256, device=device, workers=resolve_workers(cfg.data.workers))), count
 
 
 def _describe(entry: dict | str, data: Data, seeds: list) -> list[dict]:
@@ -201,7 +169,7 @@ def prepare_jobs(cfg: Config, teacher_path, distilled: list):
 def _input_file(path) -> str:
     """The file that holds a distilled set, where there is one (for the run's fingerprint)."""
     path = Path(path).expanduser()
-    return str(path / DISTILLED_FILE) if (path / DISTILLED_FILE).is_file() else str(path)
+    return str(path / INDEX_FILE) if (path / INDEX_FILE).is_file() else str(path)
 
 
 def run(cfg: Config, out: RunDir, teacher_path, distilled: list, labels=None) -> dict:
@@ -221,7 +189,7 @@ def run(cfg: Config, out: RunDir, teacher_path, distilled: list, labels=None) ->
     if teacher_file.is_file():
         teacher_acc = json.loads(teacher_file.read_text())["accuracy"]
     else:
-        teacher_acc = accuracy(teacher, Batches(data.test, 256, device=device, workers=cfg.data.workers))
+        teacher_acc = accuracy(teacher, Batches(data.test, 256, device=device, workers=resolve_workers(cfg.data.workers)))
         if here.is_main:
             write_json(teacher_file, {"accuracy": teacher_acc})
     out.log(f"evaluate: teacher top-1 {100 * teacher_acc:.2f}%")

@@ -23,17 +23,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
 import torch
-from PIL import Image
-from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .. import distributed
 from ..errors import ConfigError, NonFiniteError, NotPositiveDefiniteError
 from ..loss import CFMLoss
 from ..progress import progress
-from ..real_stats import RealStats, atomic_write
+from ..real_stats import RealStats
 from ..regularizer import Regularizer
 from . import preflight
 from .augment import Augment, make_augment
@@ -41,13 +38,11 @@ from .checkpoint import RecoverCheckpoint
 from .checks import check_ipc, check_provenance, check_stats, check_teacher
 from .config import Config, RecoverConfig
 from .datasets import Data, dataset_fingerprint, prepare_data
+from .distilled import INDEX_FILE, SetWriter, to_uint8
 from .models import load_teacher, weights_sha256
 from .rundir import RunDir
 from .step import RecoverEngine, recover_step, resolve_options  # noqa: F401 (recover_step: public here too)
 from .train import make_generator, setup_device
-
-DISTILLED_FILE = "distilled.safetensors"
-
 
 @dataclass(frozen=True)
 class ClassBatch:
@@ -164,57 +159,6 @@ def recover_set(model: nn.Module, regularizer, plan: list[ClassBatch], init: Cal
         on_batch(cb, images, ce, reg)
 
 
-# --- output -----------------------------------------------------------------------------
-
-def to_pixels(images: torch.Tensor, mean, std) -> torch.Tensor:
-    """Normalised (k, C, H, W) -> pixel values in [0, 1], float32 on the CPU."""
-    mean = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
-    std = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
-    return (images.detach().float().cpu() * std + mean).clamp_(0, 1)
-
-
-def save_image(path: Path, pixels: torch.Tensor, fmt: str = "png") -> None:
-    """One image (C, H, W) in [0, 1] as an 8-bit PNG (lossless) or JPEG (quality 95), atomically."""
-    array = (pixels * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
-    image = Image.fromarray(array[:, :, 0] if array.shape[2] == 1 else np.ascontiguousarray(array))
-    options = {"format": "PNG"} if fmt == "png" else {"format": "JPEG", "quality": 95}
-    atomic_write(path, lambda tmp: image.save(tmp, **options))
-
-
-class SetWriter:
-    """Writes one distilled set as its class-batches finish, in SRe2L's layout
-    ``new{c:03d}/class{c:03d}_id{ipc:03d}.png`` plus ``batches/ipc{i:03d}_batch{b:04d}.safetensors``
-    (pixels in [0, 1], float32, and labels); ``finish`` joins the batch files into
-    ``distilled.safetensors``: images (N, C, H, W) ordered by ipc then class, labels (N,)."""
-
-    def __init__(self, root: Path, mean, std, fmt: str = "png"):
-        self.root, self.mean, self.std, self.fmt = Path(root), tuple(mean), tuple(std), fmt
-        self.ext = "png" if fmt == "png" else "jpg"
-
-    def batch_file(self, cb: ClassBatch) -> Path:
-        return self.root / "batches" / f"ipc{cb.ipc_index:03d}_batch{cb.index:04d}.safetensors"
-
-    def write(self, cb: ClassBatch, images: torch.Tensor) -> None:
-        self.write_pixels(cb, to_pixels(images, self.mean, self.std))
-
-    def write_pixels(self, cb: ClassBatch, pixels: torch.Tensor) -> None:
-        """The class-batch's images (k, C, H, W) in [0, 1]; the batch file last, so that its
-        presence means the whole class-batch is on disk."""
-        for c, image in zip(cb.classes.tolist(), pixels):
-            save_image(self.root / f"new{c:03d}" / f"class{c:03d}_id{cb.ipc_index:03d}.{self.ext}", image, self.fmt)
-        tensors = {"images": pixels.contiguous(), "labels": cb.classes.clone()}
-        atomic_write(self.batch_file(cb), lambda tmp: save_file(tensors, tmp))
-
-    def finish(self, plan: list[ClassBatch], meta: dict) -> Path:
-        parts = [load_file(str(self.batch_file(cb))) for cb in plan]
-        images = torch.cat([p["images"] for p in parts])
-        labels = torch.cat([p["labels"] for p in parts])
-        path = self.root / DISTILLED_FILE
-        metadata = {k: str(v) for k, v in dict(meta, mean=list(self.mean), std=list(self.std)).items()}
-        atomic_write(path, lambda tmp: save_file({"images": images, "labels": labels}, tmp, metadata=metadata))
-        return path
-
-
 def init_kind(rc: RecoverConfig) -> str:
     """Where the images start: rc.init, or by default noise for sre2l and real images otherwise."""
     return rc.init or ("noise" if rc.loss == "sre2l" else "real")
@@ -240,12 +184,12 @@ def recover_one(cfg: Config, data: Data, model: nn.Module, stats: RealStats | No
     if rc.loss == "none":  # the baseline is the initial images themselves
         rc = dataclasses.replace(rc, iterations=0)
     method = method_name(rc)
-    record = {"method": method, "ipc": ipc, "seed": seed, "path": str(Path(root) / DISTILLED_FILE)}
+    record = {"method": method, "ipc": ipc, "seed": seed, "path": str(Path(root) / INDEX_FILE)}
     say = log or (lambda message: None)
     name = f"recover {method} ipc={ipc} seed={seed}"
     here = distributed.info()
     checkpoint = RecoverCheckpoint(Path(root) / "checkpoints", here.rank, here.world_size)
-    if (Path(root) / DISTILLED_FILE).is_file():
+    if (Path(root) / INDEX_FILE).is_file():
         checkpoint.remove()  # left by a kill between writing the set and removing it
         say(f"{name}: already finished")
         return record
@@ -271,7 +215,7 @@ def recover_one(cfg: Config, data: Data, model: nn.Module, stats: RealStats | No
 
         def on_batch(cb, images, ce, reg):
             finished[0] = min(finished[0] + here.world_size, len(plan))
-            pixels = None if cb is None else to_pixels(images, data.mean, data.std)
+            pixels = None if cb is None else to_uint8(images, data.mean, data.std)
             checkpoint.save(finished[0], _state(regularizer), _step(regularizer),
                             None if cb is None else cb.index, pixels)
             if cb is not None:
@@ -319,10 +263,9 @@ def _resume(checkpoint: RecoverCheckpoint, regularizer, writer: SetWriter, plan:
         if state is not None:
             regularizer.load_state_dict(state)
         regularizer.step = step
-    if checkpoint.rank == 0:
+    if checkpoint.rank == 0:  # the kill may have come before (some of) these images were written
         for index, pixels in pending:
-            if not writer.batch_file(plan[index]).is_file():
-                writer.write_pixels(plan[index], pixels)
+            writer.write_pixels(plan[index], pixels)
     checkpoint.rebase(done, _state(regularizer), step)
     say(f"{name}: resuming after class-batch {done}/{len(plan)} (class-batches 1..{done} are on disk and are "
         "not recomputed)")

@@ -2,9 +2,7 @@
 job of a run, one ``set{i:03d}/`` folder per job in ``evaluate``'s order."""
 from __future__ import annotations
 
-from ..errors import ConfigError
 from .config import Config
-from .datasets import TensorImages
 from .evaluate import load_distilled, prepare_jobs
 from .labels import record
 from .rundir import RunDir
@@ -18,9 +16,7 @@ def run(cfg: Config, out: RunDir, teacher_path, distilled: list) -> dict:
         return done
     records = []
     for i, job in enumerate(jobs):
-        images, _ = load_distilled(job["path"], data)
-        if not isinstance(images, TensorImages):
-            raise ConfigError(f"relabel needs a distilled set that fits in memory; {job['path']} is streamed")
+        images, _ = load_distilled(job["path"], data, in_memory=True)
         folder = out.path / f"set{i:03d}"
         label = f"relabel {job['method']} ipc={job['ipc']} seed={job['seed']}"
         written = record(teacher, images, cfg.evaluate, cfg.data.flip, device, job["seed"], folder,

@@ -47,8 +47,7 @@ STAGE_KEYS = {
 # to it; ``force`` deletes the files of the earlier stage that match (and their temporaries)
 # and nothing else. ``show`` pictures and log.txt stay.
 _CLAIM = r"(?:config|results|run)\.json"
-_SET = (r"(?:distilled\.safetensors|new\d{3}/class\d{3}_id\d{3}\.(?:png|jpg)|batches/ipc\d{3}_batch\d{4}\.safetensors"
-        r"|checkpoints/recover_rank\d+\.safetensors)")
+_SET = r"(?:distilled\.json|new\d{3}/class\d{3}_id\d{3}\.(?:png|jpg)|checkpoints/recover_rank\d+\.safetensors)"
 STAGE_FILES = {
     "squeeze": r"teacher\.safetensors|checkpoints/squeeze\.pt",
     "stats": r"stats\.safetensors|checkpoints/stats\.safetensors",

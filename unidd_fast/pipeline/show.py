@@ -9,22 +9,21 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
-from safetensors.torch import load_file  # noqa: E402
 
 from .. import filters  # noqa: E402
 from ..errors import ConfigError  # noqa: E402
 from ..real_stats import RealStats, atomic_write  # noqa: E402
 from ..schedule import beta_schedule  # noqa: E402
-from .recover import DISTILLED_FILE  # noqa: E402
+from .distilled import INDEX_FILE, read_index, read_set  # noqa: E402
 
 MAX_CLASSES = 20  # rows of one grid; larger sets show their first classes
 
 
 def image_grid(distilled: Path, path: Path, max_classes: int = MAX_CLASSES) -> None:
-    """PNG grid of a distilled set: one row per class, one column per image of the class."""
-    tensors = load_file(str(distilled))
-    images, labels = tensors["images"], tensors["labels"]
-    classes = sorted(set(labels.tolist()))[:max_classes]
+    """PNG grid of a distilled set (its ``distilled.json``): one row per class, one column per
+    image of the class."""
+    images, labels = read_set(distilled, max_classes)
+    classes = sorted(set(labels.tolist()))
     ipc = max(int((labels == c).sum()) for c in classes)
     fig, axes = plt.subplots(len(classes), ipc, figsize=(0.9 * ipc + 0.6, 0.9 * len(classes) + 0.4), squeeze=False)
     for row, c in enumerate(classes):
@@ -35,10 +34,10 @@ def image_grid(distilled: Path, path: Path, max_classes: int = MAX_CLASSES) -> N
             ax.set_yticks([])
             if col < members.shape[0]:
                 img = members[col].permute(1, 2, 0).numpy()
-                ax.imshow(img[:, :, 0] if img.shape[2] == 1 else img, cmap="gray", vmin=0, vmax=1)
+                ax.imshow(img[:, :, 0] if img.shape[2] == 1 else img, cmap="gray", vmin=0, vmax=255)
             if col == 0:
                 ax.set_ylabel(str(c), rotation=0, labelpad=12, fontsize=8)
-    fig.suptitle(f"{distilled.parent.name}: {images.shape[0]} images", fontsize=9)
+    fig.suptitle(f"{distilled.parent.name}: {read_index(distilled)['count']} images", fontsize=9)
     _save(fig, path)
 
 
@@ -83,9 +82,9 @@ def run(root, stats_path=None, beta: float = 0.1, beta_min: float = 1e-6) -> lis
     root = Path(root).expanduser()
     if not root.is_dir():
         raise ConfigError(f"{root} does not exist; `unidd-fast show` takes a recover or distill run directory")
-    sets = sorted(root.rglob(DISTILLED_FILE))
+    sets = sorted(root.rglob(INDEX_FILE))
     if not sets and stats_path is None:
-        raise ConfigError(f"{root} holds no {DISTILLED_FILE} and no statistics were given: run `unidd-fast recover` "
+        raise ConfigError(f"{root} holds no {INDEX_FILE} and no statistics were given: run `unidd-fast recover` "
                           "first, or pass --stats FILE")
     written = []
     for distilled in sets:

@@ -8,7 +8,7 @@ from ..profiling import annotate
 from .augment import make_augment
 from .checkpoint import EpochCheckpoint
 from .config import Config
-from .datasets import Batches, Data, prepare_data
+from .datasets import Batches, Data, prepare_data, resolve_workers
 from .models import build_from_spec, load_checkpoint, model_spec, save_teacher
 from .rundir import RunDir
 from .train import accuracy, fit, lr_at, make_generator, make_optimizer, setup_device, seeded
@@ -26,7 +26,7 @@ def train_teacher(model, data: Data, cfg: Config, device, seed: int, log=None, c
     generator = make_generator(device, seed)
     shuffle = make_generator("cpu", seed)
     train = Batches(data.train, sq.batch_size, shuffle=True, generator=shuffle, device=device,
-                    drop_last=True, workers=cfg.data.workers)
+                    drop_last=True, workers=resolve_workers(cfg.data.workers))
     optimizer = make_optimizer(model.parameters(), sq.optimizer, sq.lr, sq.momentum, sq.weight_decay)
     steps_per_epoch = len(train)
 
@@ -74,7 +74,7 @@ def run(cfg: Config, out: RunDir, teacher_checkpoint=None) -> dict:
             f"{data.num_classes} classes, {data.image_size}px), {cfg.squeeze.epochs} epochs on {device}")
     if cfg.squeeze.epochs > 0:
         train_teacher(model, data, cfg, device, seed, out.log, out.path / CHECKPOINT)
-    test = Batches(data.test, 256, device=device, workers=cfg.data.workers)
+    test = Batches(data.test, 256, device=device, workers=resolve_workers(cfg.data.workers))
     acc = accuracy(model, test)
     out.log(f"squeeze: teacher top-1 {100 * acc:.2f}% on the test set")
     path = out.path / "teacher.safetensors"

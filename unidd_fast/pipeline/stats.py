@@ -22,7 +22,7 @@ from ..errors import ConfigError
 from ..real_stats import MomentAccumulator, RealStats, atomic_write, collect_real_stats
 from .checks import check_teacher
 from .config import Config
-from .datasets import dataset_fingerprint, prepare_data
+from .datasets import dataset_fingerprint, prepare_data, resolve_workers
 from .models import load_teacher, weights_sha256
 from .rundir import RunDir
 from .train import setup_device
@@ -78,7 +78,7 @@ def run(cfg: Config, out: RunDir, teacher_path, batch_size: int = 256, chunk_bat
     chunk = batch_size * chunk_batches
     for start in range(position, len(data.train), chunk):
         part = Subset(data.train, range(start, min(start + chunk, len(data.train))))
-        loader = DataLoader(part, batch_size=batch_size, num_workers=cfg.data.workers,
+        loader = DataLoader(part, batch_size=batch_size, num_workers=resolve_workers(cfg.data.workers),
                             pin_memory=device.type == "cuda")
         got = collect_real_stats(teacher, loader, data.num_classes, sites=cfg.recover.sites, device=device,
                                  distributed=here.world_size > 1)
