@@ -24,11 +24,9 @@ from common import prediction_args, report
 from sites import cifar_resnet18, site_shapes
 from unidd_fast.kernels.triton.reg_inverse import BLOCK as CHOL_B
 from unidd_fast.kernels.triton.site_stats import BLOCK_R, block_d, num_chunks
+from unidd_fast.roofline import ELEM, HBM, PEAK, term  # noqa: F401 (bench_cuda_roofline, roofline_step use them)
 
-PEAK = {"bf16": 989e12, "tf32": 495e12, "fp32": 67e12}  # H100 SXM dense FLOP/s
-HBM = 3.35e12  # bytes/s
 SMS = 132
-ELEM = {"bf16": 2, "fp32": 4}
 # ASSUMPTIONS of the Cholesky latency model, to be replaced by measurements: one serial
 # step of the in-register B×B tile factorisation/inverse (a masked row/column extraction =
 # two cross-warp reductions, ~300 cycles at 1.75 GHz), and one dependent tile round trip
@@ -46,12 +44,6 @@ def geometries():
                                  ("ImageNet 224 b200", imagenet, 200)):
         out[label] = {k: (batch,) + tuple(v[1:]) for k, v in shapes.items()}
     return out
-
-
-def term(flops, peak, nbytes):
-    t_c, t_m = flops / peak, nbytes / HBM
-    return {"flops": flops, "bytes": nbytes, "t_compute_us": t_c * 1e6, "t_memory_us": t_m * 1e6,
-            "predicted_us": max(t_c, t_m) * 1e6, "bound": "compute" if t_c > t_m else "memory"}
 
 
 def site_stats_fwd(n, d, h, w, dtype):

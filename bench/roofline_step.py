@@ -13,9 +13,6 @@ width >= 1024 (ResNet-50's 1024 and 2048) are modelled on cuSOLVER, which ``auto
 """
 from __future__ import annotations
 
-import math
-
-import torch
 import torchvision
 
 from bench_cuda_roofline import cusolver_model, inverse_model
@@ -24,56 +21,7 @@ from roofline import ELEM, HBM, PEAK, reg_inverse_bwd, site_stats_bwd, site_stat
 from sites import site_shapes
 
 from unidd_fast.kernels.registry import LARGE_WIDTH
-
-LAUNCH_GAP_S = 1.0e-6  # ASSUMPTION: gap between two kernels of a replayed CUDA graph
-
-
-def teacher_layers(model, image: int, batch: int, dtype: str) -> list[dict]:
-    """Per leaf layer of ``model`` at ``batch`` images of image×image: forward and backward
-    (input gradients only: the teacher is frozen, the images are the parameters) FLOPs and
-    HBM bytes at the activation dtype. Convolutions and the classifier on tensor cores;
-    BatchNorm (eval: a per-channel affine), ReLU, pooling and the residual additions are
-    memory passes; a max-pool saves int64 indices."""
-    e = ELEM[dtype]
-    shapes = []
-
-    def hook(module, args, out):
-        shapes.append((module, args[0].shape[1:], out.shape[1:]))
-
-    leaves = [m for m in model.modules() if not list(m.children())]
-    handles = [m.register_forward_hook(hook) for m in leaves]
-    with torch.no_grad():
-        model.eval()(torch.zeros(1, 3, image, image))
-    for h in handles:
-        h.remove()
-    layers = []
-    for module, in_shape, out_shape in shapes:
-        n_in, n_out = batch * math.prod(in_shape), batch * math.prod(out_shape)
-        kind = type(module).__name__
-        if isinstance(module, torch.nn.Conv2d):
-            k = module.kernel_size[0] * module.kernel_size[1] * module.in_channels // module.groups
-            flops = 2 * n_out * k
-            w = module.weight.numel() * e
-            fwd, bwd = (flops, n_in * e + n_out * e + w), (flops, n_out * e + w + n_in * e)
-        elif isinstance(module, torch.nn.Linear):
-            flops = 2 * batch * module.in_features * module.out_features
-            w = module.weight.numel() * e
-            fwd, bwd = (flops, n_in * e + n_out * 4 + w), (flops, n_out * 4 + w + n_in * e)
-        elif isinstance(module, torch.nn.MaxPool2d):
-            fwd, bwd = (0, n_in * e + n_out * (e + 8)), (0, n_out * (e + 8) + 2 * n_in * e)
-        elif isinstance(module, torch.nn.ReLU):  # backward reads the output as its mask
-            fwd, bwd = (0, 2 * n_in * e), (0, 3 * n_in * e)
-        else:  # BatchNorm2d (eval), AdaptiveAvgPool2d
-            fwd, bwd = (0, (n_in + n_out) * e), (0, (n_in + n_out) * e)
-        layers.append({"layer": kind, "fwd": fwd, "bwd": bwd})
-    for module in model.modules():  # residual additions: out += identity, and its gradient fan-in
-        last_bn = {torchvision.models.resnet.BasicBlock: "bn2", torchvision.models.resnet.Bottleneck: "bn3"}.get(
-            type(module))
-        if last_bn is not None:
-            bn = getattr(module, last_bn)
-            n = batch * bn.num_features * math.prod(next(o for m, _, o in shapes if m is bn)[1:])
-            layers.append({"layer": "residual add", "fwd": (0, 3 * n * e), "bwd": (0, 3 * n * e)})
-    return layers
+from unidd_fast.roofline import LAUNCH_GAP_S, teacher_layers
 
 
 def full_step(image: int, batch: int, dtype: str, arch: str = "resnet18") -> list[dict]:

@@ -2,6 +2,7 @@
 
   unidd-fast distill                       the embedded default: digits on CPU, CFM vs. baselines
   unidd-fast squeeze|stats|recover|relabel|evaluate  one stage; chain them with --from DIR
+  unidd-fast plan [flags]                  what a configuration costs (steps, bytes, memory, time), no work
   unidd-fast show DIR                      pictures of a run
   unidd-fast import-stats PATH             the authors' release statistics -> stats.safetensors
   unidd-fast kernels ...                   ahead-of-time kernel tools
@@ -33,6 +34,8 @@ HELP = {
               "(arguments are passed on; see unidd-fast doctor --help)",
     "import-stats": "convert the CFM release's statistic/<dataset>/input/ConvFeatureHook folder (running.npz "
                     "per conv site) into a statistics file for --teacher",
+    "plan": "print steps, images, output bytes, peak memory and time (measured here, H100 predicted) of a "
+            "configuration, before any work; takes distill's flags, needs no dataset",
 }
 
 
@@ -104,6 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in STAGES:
         _stage_parser(sub, name)
+    plan = _stage_parser(sub, "plan")
+    plan.add_argument("--nproc", type=int, default=1, metavar="N",
+                      help="torchrun processes (GPUs) that stats, recover and evaluate are spread over (default 1)")
     show = sub.add_parser("show", help=HELP["show"], description=HELP["show"])
     show.add_argument("run", metavar="DIR", help="a recover or distill run directory")
     show.add_argument("--stats", metavar="FILE", help="statistics for the filter plot (default: the run's)")
@@ -290,6 +296,17 @@ def run_import_stats(args) -> int:
     return 0
 
 
+def run_plan(args) -> int:
+    from .errors import ConfigError
+    from .pipeline import plan
+
+    if args.nproc < 1:
+        raise ConfigError(f"--nproc must be >= 1, got {args.nproc}")
+    cfg, _ = resolve_config(args)
+    print(plan.run(cfg, args.nproc, teacher_checkpoint=bool(args.teacher_checkpoint)), flush=True)
+    return 0
+
+
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "kernels":
@@ -308,6 +325,8 @@ def main(argv=None) -> int:
     try:
         if args.command == "import-stats":
             return run_import_stats(args)
+        if args.command == "plan":
+            return run_plan(args)
         return run_show(args) if args.command == "show" else run_stage(args)
     except UniddError as exc:
         print(f"unidd-fast {args.command}: error: {exc}", file=sys.stderr)

@@ -124,7 +124,8 @@ def batch_seed(seed: int, index: int, stream: str = "augment") -> int:
 def recover_set(model: nn.Module, regularizer, plan: list[ClassBatch], init: Callable[[ClassBatch], torch.Tensor],
                 rc: RecoverConfig, ipc: int, augment: Augment, generator: torch.Generator | None,
                 lo: torch.Tensor, hi: torch.Tensor, on_batch: Callable, desc: str = "recover",
-                seed: int | None = None, rounds: list | None = None, fold: Callable | None = None) -> None:
+                seed: int | None = None, rounds: list | None = None, fold: Callable | None = None,
+                log: Callable[[str], None] | None = None) -> None:
     """Recover class-batches of ``plan``; ``on_batch(cb, images, ce, reg)`` after each round.
 
     seed: reseed ``generator`` with ``batch_seed(seed, cb.index)`` before each class-batch.
@@ -133,13 +134,14 @@ def recover_set(model: nn.Module, regularizer, plan: list[ClassBatch], init: Cal
     fold: called at the end of every round in place of ``regularizer.next_batch()``
       (torchrun: ``distributed.merge_emu``, a collective); on_batch then gets cb None for a
       round without a batch.
+    log: progress lines with rate and ETA (progress.LOG_EVERY apart).
     NaN/Inf and non-positive-definite errors are re-raised naming the class-batch."""
     active = regularizer if rc.iterations > 0 else None
     if fold is None and active is not None:
         fold = active.next_batch
     device = lo.device
     engine = RecoverEngine(model, active, rc, augment, generator, lo, hi, resolve_options(rc, device))
-    for cb in progress(plan if rounds is None else rounds, desc=desc):
+    for cb in progress(plan if rounds is None else rounds, desc=desc, log=log, unit="rounds"):
         images = ce = reg = None
         if cb is not None:
             if seed is not None and generator is not None:
@@ -231,7 +233,7 @@ def recover_one(cfg: Config, data: Data, model: nn.Module, stats: RealStats | No
         lo, hi = pixel_bounds(data.mean, data.std, device)
         augment = make_augment("recover", rc.crop_min, rc.shift, cfg.data.flip, rc.jitter)
         recover_set(model, regularizer, plan, init, rc, ipc, augment, make_generator(device, seed), lo, hi,
-                    on_batch, desc=name, seed=seed, rounds=rounds, fold=fold)
+                    on_batch, desc=name, seed=seed, rounds=rounds, fold=fold, log=log)
     finally:
         if regularizer is not None:
             regularizer.remove()

@@ -10,6 +10,7 @@ rank holds the same moments, rank 0 writes.
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import torch
@@ -19,6 +20,7 @@ from torch.utils.data import DataLoader, Subset
 
 from .. import distributed
 from ..errors import ConfigError
+from ..progress import rate_line
 from ..real_stats import MomentAccumulator, RealStats, atomic_write, collect_real_stats
 from .checks import check_teacher
 from .config import Config
@@ -76,7 +78,8 @@ def run(cfg: Config, out: RunDir, teacher_path, batch_size: int = 256, chunk_bat
     if position:
         out.log(f"stats: resuming after {position} of {len(data.train)} training images")
     chunk = batch_size * chunk_batches
-    for start in range(position, len(data.train), chunk):
+    began, first, total = time.monotonic(), position, len(data.train)
+    for start in range(position, total, chunk):
         part = Subset(data.train, range(start, min(start + chunk, len(data.train))))
         loader = DataLoader(part, batch_size=batch_size, num_workers=resolve_workers(cfg.data.workers),
                             pin_memory=device.type == "cuda")
@@ -89,6 +92,7 @@ def run(cfg: Config, out: RunDir, teacher_path, batch_size: int = 256, chunk_bat
         position = start + len(part)
         if here.is_main and position < len(data.train):
             save_progress(progress_file, acc, shapes, position, num_images, model_class)
+        out.log(f"stats: {rate_line(position - first, total - first, time.monotonic() - began, 'images')}")
     provenance = {"covariance": "exact",
                   "teacher": {"path": str(Path(teacher_path).resolve()), "sha256": weights_sha256(teacher)},
                   "dataset": dataset_fingerprint(cfg.data)}

@@ -86,7 +86,7 @@ def fit(model: nn.Module, batches: Batches, epochs: int, optimizer: torch.optim.
     bare = getattr(model, "module", model)  # DistributedDataParallel's module
     start, step = checkpoint.load(bare, optimizer) if checkpoint is not None else (0, 0)
     mean_loss = float("nan")
-    bar = progress(range(start, epochs), desc=desc)
+    bar = progress(range(start, epochs), desc=desc, log=log, unit="epochs")
     for epoch in bar:
         if hasattr(batches, "set_epoch"):  # batches read per epoch from files (stored relabel targets)
             batches.set_epoch(epoch)

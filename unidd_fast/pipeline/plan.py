@@ -1,0 +1,307 @@
+"""Plan: what a configuration will cost, before any work is done.
+
+For the resolved configuration (the same flags as distill/recover/evaluate): per stage
+the optimiser steps, images, the bytes of every output, peak host and device memory, and
+the time, twice:
+
+- **measured here**: a few real steps (recover with its regulariser, stats forward, a
+  training step) of a randomly initialised network of the configured architecture, at a
+  probe batch no larger than the real one, scaled linearly to the real batch and count;
+- **H100 PREDICTION**: the roofline model of ``unidd_fast/roofline.py`` (per-layer FLOPs
+  and bytes against peak compute and bandwidth), never measured.
+
+Nothing reads the dataset: its shape comes from the config (class count, split sizes of
+the known datasets), so ImageNet-1K can be planned on a laptop. Memory figures are
+estimates from tensor sizes (weights, optimiser states, activations kept for backward,
+statistics, the data loader's prefetched batches), not measurements.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import resource
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torchvision import datasets as tvd
+
+from .. import roofline
+from ..errors import ConfigError
+from ..real_stats import collect_real_stats
+from ..sites import SiteHooks
+from .augment import make_augment
+from .config import Config
+from .datasets import resolve_workers
+from .models import build_model
+from .recover import make_regularizer, method_name, pixel_bounds
+from .step import RecoverEngine, resolve_options
+from .train import setup_device
+
+# (classes, training images, test images) of the datasets whose size is fixed
+KNOWN_SIZES = {"cifar10": (10, 50_000, 10_000), "cifar100": (100, 50_000, 10_000),
+               "tiny-imagenet": (200, 100_000, 10_000), "imagenet": (1000, 1_281_167, 50_000)}
+DIGITS = 1797
+PROBE_PIXELS = 2 * 224 * 224  # probe batches hold at most this many pixels per channel (≥ 1 image)
+STATS_BATCH = 256  # stats.run's batch size
+PREFETCH = 2  # DataLoader batches in flight per worker
+
+
+@dataclass(frozen=True)
+class Shape:
+    num_classes: int
+    train: int
+    test: int
+
+
+def dataset_shape(cfg: Config) -> Shape:
+    """Classes and split sizes: computed for digits, known for CIFAR/Tiny/ImageNet, counted
+    for a folder dataset (which needs --data)."""
+    name = cfg.data.dataset
+    if name == "digits":
+        test = math.ceil(cfg.data.test_size * DIGITS)
+        return Shape(10, DIGITS - test, test)
+    if name in KNOWN_SIZES:
+        return Shape(*KNOWN_SIZES[name])
+    root = Path(cfg.data.data).expanduser()
+    if not (root / "train").is_dir():
+        raise ConfigError(f"plan for --dataset {name} counts the images: give --data (a directory with train/ and "
+                          "val/ or test/)")
+    train = tvd.ImageFolder(str(root / "train"), loader=lambda p: p)
+    split = root / ("val" if (root / "val").is_dir() else "test")
+    test = len(tvd.ImageFolder(str(split), loader=lambda p: p)) if split.is_dir() else 0
+    return Shape(len(train.classes), len(train), test)
+
+
+def _bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return ""
+
+
+def _time(seconds: float) -> str:
+    if seconds < 1:
+        return f"{seconds * 1e3:.1f} ms"
+    if seconds < 120:
+        return f"{seconds:.1f} s"
+    if seconds < 2 * 3600:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def _tensor_bytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def _timed(fn, budget: float = 1.0, repeat: int = 3) -> float:
+    """Median seconds of ``fn()`` after one warm-up call; fewer calls (at least one) once
+    ``budget`` seconds are spent, so that a plan of a large network stays short."""
+    fn()
+    times = []
+    while len(times) < repeat and (not times or sum(times) < budget):
+        start = time.perf_counter()
+        fn()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2]
+
+
+class Probe:
+    """Real steps of the configured networks on random images, on the run's device."""
+
+    def __init__(self, cfg: Config, shape: Shape, device: torch.device):
+        self.cfg, self.shape, self.device = cfg, shape, device
+        d = cfg.data
+        self.side, self.channels = d.image_size, d.channels
+        self.batch = max(1, min(cfg.recover.batch_size, PROBE_PIXELS // (self.side * self.side)))
+        self.gen = torch.Generator().manual_seed(0)
+        self.teacher = self._model(cfg.model.arch).to(device).eval().requires_grad_(False)
+        self.student = self._model(cfg.evaluate.arch or cfg.model.arch).to(device)
+        self.mean = tuple(d.mean) or (0.5,) * self.channels
+        self.std = tuple(d.std) or (0.25,) * self.channels
+
+    def _model(self, arch: str):
+        m = self.cfg.model
+        return build_model(arch, self.shape.num_classes, self.side, self.channels, m.width, m.depth)
+
+    def images(self, n: int) -> torch.Tensor:
+        return torch.randn(n, self.channels, self.side, self.side, generator=self.gen).to(self.device)
+
+    def labels(self, n: int) -> torch.Tensor:
+        return (torch.arange(n) % self.shape.num_classes).to(self.device)
+
+    def site_shapes(self) -> list[tuple]:
+        """(d, h, w) of every site of the teacher."""
+        found = []
+        with SiteHooks(self.teacher, self.cfg.recover.sites, lambda name, x: found.append(tuple(x.shape[1:]))):
+            with torch.no_grad():
+                self.teacher(self.images(1))
+        return found
+
+    def stats_step(self):
+        """(seconds per image of the stats pass, the RealStats of a probe batch)."""
+        x, y = self.images(self.batch), self.labels(self.batch)
+        stats = collect_real_stats(self.teacher, [(x, y)], self.shape.num_classes, sites=self.cfg.recover.sites,
+                                   device=self.device, show_progress=False)
+        seconds = _timed(lambda: collect_real_stats(self.teacher, [(x, y)], self.shape.num_classes,
+                                                    sites=self.cfg.recover.sites, device=self.device,
+                                                    show_progress=False))
+        return seconds / self.batch, stats
+
+    def recover_step(self, stats) -> tuple[float, int]:
+        """(seconds per image and iteration of recover, bytes of the regulariser's EMU state)."""
+        rc = dataclasses.replace(self.cfg.recover, iterations=2)
+        reg = make_regularizer(rc, self.teacher, stats)
+        try:
+            lo, hi = pixel_bounds(self.mean, self.std, self.device)
+            engine = RecoverEngine(self.teacher, reg, rc, make_augment("recover", rc.crop_min, rc.shift),
+                                   torch.Generator(device=self.device).manual_seed(0), lo, hi,
+                                   resolve_options(rc, self.device))
+            x, y = self.images(self.batch), self.labels(self.batch)
+            if reg is not None:
+                reg.set_curriculum(0, 1)
+
+            def run():
+                engine.run(x, y)
+                if reg is not None:
+                    reg.next_batch()
+
+            seconds = _timed(run) / rc.iterations
+            state = reg.state_dict() if hasattr(reg, "state_dict") else {}
+            return seconds / self.batch, _tensor_bytes(state.values())
+        finally:
+            if reg is not None:
+                reg.remove()
+
+    def train_step(self, teacher_forward: bool) -> float:
+        """Seconds per image of one training step of the student (and a teacher forward:
+        evaluate's KD labels)."""
+        model = self.student.train()
+        opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+        x, y = self.images(self.batch), self.labels(self.batch)
+
+        def step():
+            target = self.teacher(x) if teacher_forward else None
+            out = model(x)
+            loss = out.logsumexp(1).mean() if target is None else (out - target).square().mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+
+        return _timed(step) / self.batch
+
+
+def _activations(model, side: int, channels: int, dtype: str) -> int:
+    """Bytes per image of every leaf layer's output (what a backward pass keeps)."""
+    return sum(layer["out"] for layer in roofline.teacher_layers(model, side, 1, dtype, channels)) * roofline.ELEM[dtype]
+
+
+def run(cfg: Config, world: int = 1, teacher_checkpoint: bool = False) -> str:
+    """The plan as text (see the module docstring); ``world``: torchrun processes (GPUs)
+    that recover, stats and evaluate are spread over."""
+    shape = dataset_shape(cfg)
+    device = setup_device(cfg)  # and the configured CPU threads: the probe runs as the stages would
+    base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        probe = Probe(cfg, shape, device)
+    d, rc, ev, sq = cfg.data, cfg.recover, cfg.evaluate, cfg.squeeze
+    pixels = d.channels * d.image_size * d.image_size
+    dtype = "bf16" if resolve_options(rc, torch.device("cuda")).precision == "bf16" else "fp32"
+    sites = probe.site_shapes()
+    workers = resolve_workers(d.workers)
+    t_stats, stats = probe.stats_step()
+    t_recover, emu_bytes = probe.recover_step(stats if rc.loss == "cfm" else None)
+    t_squeeze = probe.train_step(teacher_forward=False)
+    t_eval = probe.train_step(teacher_forward=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        stats.save(Path(tmp) / "stats.safetensors")
+        stats_bytes = (Path(tmp) / "stats.safetensors").stat().st_size
+    teacher_bytes = _tensor_bytes(probe.teacher.state_dict().values())
+    student_params = _tensor_bytes(probe.student.parameters())
+    act_teacher = _activations(probe.teacher, d.image_size, d.channels, dtype)
+    act_student = _activations(probe.student, d.image_size, d.channels, dtype)
+
+    def h100(model, batch: int, kind: str, with_sites: bool = False) -> float:
+        return roofline.step_seconds(model, d.image_size, d.channels, batch, dtype, kind, sites if with_sites else ())
+
+    k = min(rc.batch_size, shape.num_classes)
+    rows = []
+    here = f"{device.type}, {torch.get_num_threads()} threads" if device.type == "cpu" else str(device)
+
+    # squeeze
+    epochs = 0 if teacher_checkpoint and sq.epochs == 0 else sq.epochs
+    steps = epochs * (shape.train // sq.batch_size)
+    loader_host = workers * PREFETCH * sq.batch_size * pixels * 4
+    rows.append(dict(stage="squeeze", steps=steps, images=epochs * shape.train,
+                     outputs={"teacher.safetensors": teacher_bytes, "checkpoints/squeeze.pt": 3 * teacher_bytes},
+                     device=4 * teacher_bytes + sq.batch_size * act_teacher,
+                     host=base_rss + loader_host,
+                     here=epochs * shape.train * t_squeeze,
+                     h100=steps * h100(probe.teacher, sq.batch_size, "train")))
+    # stats
+    batches = math.ceil(shape.train / STATS_BATCH)
+    rows.append(dict(stage="stats", steps=batches, images=shape.train,
+                     outputs={"stats.safetensors": stats_bytes, "checkpoints/stats.safetensors": 2 * stats_bytes},
+                     device=teacher_bytes + 2 * stats_bytes + STATS_BATCH * act_teacher // 2,
+                     host=base_rss + 2 * stats_bytes + workers * PREFETCH * STATS_BATCH * pixels * 4,
+                     here=shape.train * t_stats / world,
+                     h100=batches * h100(probe.teacher, STATS_BATCH, "forward", True) / world))
+    # recover: one set per (ipc, seed)
+    sets = [(ipc, seed) for ipc in cfg.ipc for seed in cfg.seeds]
+    per_set = {ipc: math.ceil(shape.num_classes / rc.batch_size) * ipc for ipc in cfg.ipc}
+    class_batches = sum(per_set[ipc] for ipc, _ in sets)
+    iterations = class_batches * rc.iterations
+    total_images = sum(ipc * shape.num_classes for ipc, _ in sets)
+    set_bytes = {f"{method_name(rc)} ipc={ipc}: images ({rc.image_format}, ≈ raw uint8)": ipc * shape.num_classes
+                 * pixels for ipc in cfg.ipc}
+    rounds = sum(math.ceil(per_set[ipc] / world) for ipc, _ in sets)
+    reg_device = 3 * stats_bytes if rc.loss == "cfm" else 0  # statistics + the cached real side
+    rows.append(dict(stage="recover", steps=iterations, images=total_images,
+                     outputs=dict(set_bytes, **{"checkpoints/recover_rank*.safetensors (while running)":
+                                                world * (emu_bytes + k * pixels)}),
+                     device=teacher_bytes + reg_device + emu_bytes + k * (act_teacher + 6 * pixels * 4),
+                     host=base_rss + stats_bytes + teacher_bytes + k * pixels * (4 + 1) + emu_bytes,
+                     here=rounds * rc.iterations * k * t_recover,
+                     h100=rounds * rc.iterations * h100(probe.teacher, k, "recover", rc.loss == "cfm"),
+                     note=f"{class_batches} class-batches of {k} images × {rc.iterations} iterations"))
+    # evaluate: a student per set
+    ev_steps = sum(ev.epochs * math.ceil(ipc * shape.num_classes / ev.batch_size) for ipc, _ in sets)
+    ev_images = sum(ev.epochs * ipc * shape.num_classes for ipc, _ in sets)
+    local = math.ceil(ev.batch_size / world)
+    rows.append(dict(stage="evaluate", steps=ev_steps, images=ev_images,
+                     outputs={"checkpoints/evaluate/set*.pt (while running)": 3 * student_params},
+                     device=4 * student_params + teacher_bytes + local * (act_student + act_teacher // 4),
+                     host=base_rss + workers * PREFETCH * local * pixels * 4,
+                     here=ev_images * t_eval / world + len(sets) * shape.test * t_stats,
+                     h100=ev_steps * (h100(probe.student, local, "train") + h100(probe.teacher, local, "forward"))))
+    lines = [f"plan: {d.dataset} ({shape.num_classes} classes, {shape.train} train / {shape.test} test images, "
+             f"{d.channels}×{d.image_size}×{d.image_size}), teacher {cfg.model.arch}, student "
+             f"{ev.arch or cfg.model.arch}, ipc {cfg.ipc}, seeds {cfg.seeds}, {world} process(es)",
+             f"recover: {rc.loss}, class-batches of {rc.batch_size} classes, {rc.iterations} iterations, "
+             f"precision {dtype} on CUDA; data workers {workers} per process",
+             f"measured here ({here}): probe batch {probe.batch}, {1e3 * t_recover:.1f} ms per image-iteration of "
+             f"recover, {1e3 * t_stats:.1f} ms per image of stats, {1e3 * t_eval:.1f} ms per image-step of evaluate",
+             "",
+             f"{'stage':<9} {'steps':>10} {'images':>13} {'peak host':>10} {'peak device':>12} {'time here':>10} "
+             f"{'H100 PREDICTION':>16}"]
+    for r in rows:
+        lines.append(f"{r['stage']:<9} {r['steps']:>10} {r['images']:>13} {_bytes(r['host']):>10} "
+                     f"{_bytes(r['device']):>12} {_time(r['here']):>10} {_time(r['h100']):>16}")
+    lines.append(f"{'total':<9} {'':>10} {'':>13} {'':>10} {'':>12} {_time(sum(r['here'] for r in rows)):>10} "
+                 f"{_time(sum(r['h100'] for r in rows)):>16}")
+    lines += ["", "outputs:"]
+    for r in rows:
+        for name, size in r["outputs"].items():
+            lines.append(f"  {r['stage']:<9} {name:<58} {_bytes(size):>10}")
+        if "note" in r:
+            lines.append(f"  {r['stage']:<9} {r['note']}")
+    lines += ["", "time here: probe steps scaled linearly in images. H100: roofline PREDICTION (unidd_fast/roofline.py, "
+              f"{dtype}, per-layer max(FLOPs/peak, bytes/bandwidth)), not measured. Memory: estimates from tensor "
+              "sizes per process (peak device: tensors on the run's device, host memory too on a CPU run)."]
+    return "\n".join(lines)
