@@ -7,7 +7,7 @@ import pytest
 from unidd_fast.cli import main
 
 
-@pytest.mark.parametrize("command", ["distill", "squeeze", "stats", "recover", "evaluate", "show"])
+@pytest.mark.parametrize("command", ["distill", "squeeze", "stats", "recover", "evaluate", "plan", "show"])
 def test_help_of_every_command(command, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main([command, "--help"])
@@ -45,6 +45,8 @@ def test_module_entry_point():
     (["squeeze", "--set", "squeeze.epochs=lots", "--quiet"], "squeeze.epochs='lots'"),
     (["squeeze", "--teacher-checkpoint", "/nonexistent.pt", "--quiet"], "/nonexistent.pt does not exist"),
     (["show", "/nonexistent/run"], "does not exist"),
+    (["plan", "--nproc", "0"], "--nproc must be >= 1"),
+    (["plan", "--dataset", "folder"], "plan for --dataset folder counts the images: give --data"),
 ])
 def test_errors_name_the_problem(argv, message, capsys, tmp_path):
     if argv[0] != "show":
