@@ -23,7 +23,7 @@ def test_plan_of_the_digits_default_counts_steps_images_and_bytes(capsys):
     assert "22 class-batches of 10 images × 1000 iterations" in out
     assert re.search(r"cfm ipc=10: images \(png, ≈ raw uint8\)\s+25\.6 KB", out)  # 100 images of 1×16×16 bytes
     assert re.search(r"^evaluate\s+1800\s+66000\s", out, re.M)  # 300 epochs × (1 + 2 + 1 + 2) batches of 50
-    assert "H100 PREDICTION" in out and "measured here (cpu, 1 threads)" in out
+    assert "H100 PREDICTION" in out and "measured here (CPU time, 1 threads)" in out
 
 
 def test_imagenet_shapes_come_from_the_config_without_data():

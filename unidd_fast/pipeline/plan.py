@@ -6,7 +6,8 @@ the time, twice:
 
 - **measured here**: a few real steps (recover with its regulariser, stats forward, a
   training step) of a randomly initialised network of the configured architecture, at a
-  probe batch no larger than the real one, scaled linearly to the real batch and count;
+  probe batch no larger than the real one, scaled linearly to the real batch and count
+  (on the CPU the process's CPU time, which a shared machine does not inflate);
 - **H100 PREDICTION**: the roofline model of ``unidd_fast/roofline.py`` (per-layer FLOPs
   and bytes against peak compute and bandwidth), never measured.
 
@@ -97,17 +98,26 @@ def _tensor_bytes(tensors) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
-def _timed(fn, budget: float = 1.0, repeat: int = 3) -> float:
+def _clock(device: torch.device):
+    """The probe's clock: this process's CPU time on the CPU (steady on a shared machine;
+    core-seconds, so several threads add up), wall time after a synchronise on CUDA."""
+    if device.type == "cuda":
+        def now():
+            torch.cuda.synchronize(device)
+            return time.perf_counter()
+        return now
+    return time.process_time
+
+
+def _timed(fn, clock, budget: float = 1.0, repeat: int = 3) -> float:
     """Median seconds of ``fn()`` after one warm-up call; fewer calls (at least one) once
     ``budget`` seconds are spent, so that a plan of a large network stays short."""
     fn()
     times = []
     while len(times) < repeat and (not times or sum(times) < budget):
-        start = time.perf_counter()
+        start = clock()
         fn()
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
+        times.append(clock() - start)
     return sorted(times)[len(times) // 2]
 
 
@@ -120,6 +130,7 @@ class Probe:
         self.side, self.channels = d.image_size, d.channels
         self.batch = max(1, min(cfg.recover.batch_size, PROBE_PIXELS // (self.side * self.side)))
         self.gen = torch.Generator().manual_seed(0)
+        self.clock = _clock(device)
         self.teacher = self._model(cfg.model.arch).to(device).eval().requires_grad_(False)
         self.student = self._model(cfg.evaluate.arch or cfg.model.arch).to(device)
         self.mean = tuple(d.mean) or (0.5,) * self.channels
@@ -150,7 +161,7 @@ class Probe:
                                    device=self.device, show_progress=False)
         seconds = _timed(lambda: collect_real_stats(self.teacher, [(x, y)], self.shape.num_classes,
                                                     sites=self.cfg.recover.sites, device=self.device,
-                                                    show_progress=False))
+                                                    show_progress=False), self.clock)
         return seconds / self.batch, stats
 
     def recover_step(self, stats) -> tuple[float, int]:
@@ -171,7 +182,7 @@ class Probe:
                 if reg is not None:
                     reg.next_batch()
 
-            seconds = _timed(run) / rc.iterations
+            seconds = _timed(run, self.clock) / rc.iterations
             state = reg.state_dict() if hasattr(reg, "state_dict") else {}
             return seconds / self.batch, _tensor_bytes(state.values())
         finally:
@@ -193,7 +204,7 @@ class Probe:
             loss.backward()
             opt.step()
 
-        return _timed(step) / self.batch
+        return _timed(step, self.clock) / self.batch
 
 
 def _activations(model, side: int, channels: int, dtype: str) -> int:
@@ -232,7 +243,7 @@ def run(cfg: Config, world: int = 1, teacher_checkpoint: bool = False) -> str:
 
     k = min(rc.batch_size, shape.num_classes)
     rows = []
-    here = f"{device.type}, {torch.get_num_threads()} threads" if device.type == "cpu" else str(device)
+    here = f"CPU time, {torch.get_num_threads()} threads" if device.type == "cpu" else str(device)
 
     # squeeze
     epochs = 0 if teacher_checkpoint and sq.epochs == 0 else sq.epochs
@@ -301,7 +312,7 @@ def run(cfg: Config, world: int = 1, teacher_checkpoint: bool = False) -> str:
             lines.append(f"  {r['stage']:<9} {name:<58} {_bytes(size):>10}")
         if "note" in r:
             lines.append(f"  {r['stage']:<9} {r['note']}")
-    lines += ["", "time here: probe steps scaled linearly in images. H100: roofline PREDICTION (unidd_fast/roofline.py, "
+    lines += ["", "time here: probe steps scaled linearly in images (CPU time on a CPU). H100: roofline PREDICTION (unidd_fast/roofline.py, "
               f"{dtype}, per-layer max(FLOPs/peak, bytes/bandwidth)), not measured. Memory: estimates from tensor "
               "sizes per process (peak device: tensors on the run's device, host memory too on a CPU run)."]
     return "\n".join(lines)
