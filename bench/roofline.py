@@ -24,7 +24,7 @@ from common import prediction_args, report
 from sites import cifar_resnet18, site_shapes
 from unidd_fast.kernels.triton.reg_inverse import BLOCK as CHOL_B
 from unidd_fast.kernels.triton.site_stats import BLOCK_R, block_d, num_chunks
-from unidd_fast.roofline import ELEM, HBM, PEAK, term  # noqa: F401 (bench_cuda_roofline, roofline_step use them)
+from unidd_fast.roofline import ELEM, HBM, PEAK, term
 
 SMS = 132
 # ASSUMPTIONS of the Cholesky latency model, to be replaced by measurements: one serial
