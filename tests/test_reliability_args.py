@@ -52,6 +52,7 @@ BAD_VALUES = [
     (["--set", "recover.beta=inf"], "recover.beta=inf is invalid: expected a regularisation β > 0"),
     (["--set", "recover.lr=inf"], "recover.lr=inf is invalid"),
     (["--set", "data.workers=5000"], "data.workers=5000 is invalid", "<= 64"),
+    (["--set", "data.workers=-2"], "data.workers=-2 is invalid", "-1 for the machine's cores"),
     (["--set", "data.std=inf"], "data.std=inf is invalid: expected finite standard deviations > 0"),
     (["--set", "data.mean=nan"], "data.mean=nan is invalid: expected finite means"),
     (["--set", "data.image_size=12", "--set", "model.depth=3"], "data.image_size=12 must be a multiple of 8",

@@ -75,7 +75,7 @@ def test_a_checkpoint_left_beside_a_finished_set_is_removed_by_the_rerun(stats_r
     argv = ["recover", "--from", str(stats_run), "--out", str(out), "--ipc", "1", "--seeds", "0", "--iterations", "2",
             "--quiet"]
     assert main(argv) == 0
-    # as if killed between writing distilled.safetensors and removing the checkpoint
+    # as if killed between writing distilled.json and removing the checkpoint
     RecoverCheckpoint(out / "checkpoints").save(2, {}, 0)
     run = json.loads((out / "run.json").read_text())
     (out / "run.json").write_text(json.dumps(dict(run, finished=False)))

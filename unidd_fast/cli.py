@@ -87,7 +87,7 @@ def _stage_parser(sub, name: str):
                        help="use --stats although they were collected with another teacher or on other data")
     if name in ("evaluate", "relabel"):
         p.add_argument("--distilled", action="append", metavar="PATH",
-                       help="a distilled set: distilled.safetensors, its directory, or an ImageFolder of "
+                       help="a distilled set: a recover run directory, its distilled.json, or an ImageFolder of "
                             "images (any method's); repeatable")
     if name == "evaluate":
         p.add_argument("--labels", metavar="DIR", help="train from the soft labels of `unidd-fast relabel` "
@@ -223,7 +223,7 @@ def _check_inputs(args, inputs: dict) -> None:
         checks.check_exists("--stats", inputs["stats"], "collect them with `unidd-fast stats`")
     for entry in inputs.get("sets") or []:
         path = entry["path"] if isinstance(entry, dict) else entry
-        checks.check_exists("--distilled", path, "give distilled.safetensors, its directory or an image folder")
+        checks.check_exists("--distilled", path, "give a recover run directory, its distilled.json or an image folder")
 
 
 def _join_torchrun(cfg, command: str):
