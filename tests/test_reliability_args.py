@@ -114,6 +114,12 @@ def test_run_directory_refuses_other_configurations_and_force_starts_over(runs, 
             "--set", "recover.batch_size=5", "--quiet"]
     assert main(base + ["--ipc", "2"]) == 0
     assert (out / "new000" / "class000_id001.png").is_file()
+    # STAGE_FILES["recover"] covers exactly what recover wrote: --force and the temporary cleanup see all of it
+    from unidd_fast.pipeline.rundir import RunDir
+
+    files = {p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()}
+    written = {p.relative_to(out).as_posix() for p in RunDir(out).written("recover")}
+    assert "distilled.json" in written and files - written == {"log.txt", ".unidd-lock"}, files - written
     capsys.readouterr()
 
     err = _fails(base + ["--ipc", "1", "--set", "recover.beta=0.2"], capsys, "holds a `recover` run with a different "
