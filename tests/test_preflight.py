@@ -5,10 +5,10 @@ import json
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from unidd_fast.cli import main
 from unidd_fast.pipeline import preflight
+from unidd_fast.pipeline.distilled import read_set
 
 import _faults
 from _tiny_runs import squeeze_and_stats
@@ -40,9 +40,8 @@ def test_recover_falls_back_with_a_warning_and_strict_refuses(faulty, tmp_path, 
     assert any(f["feature"] == "backend faulty for site_stats" for f in results["fallbacks"])
     assert json.loads((tmp_path / "torch" / "results.json").read_text())["fallbacks"] == []
     assert "failed the pre-flight check" in (tmp_path / "faulty" / "log.txt").read_text()
-    want = load_file(tmp_path / "torch" / "distilled.safetensors")
-    got = load_file(tmp_path / "faulty" / "distilled.safetensors")
-    assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
+    (want, want_labels), (got, got_labels) = read_set(tmp_path / "torch"), read_set(tmp_path / "faulty")
+    assert torch.equal(want, got) and torch.equal(want_labels, got_labels)
     capsys.readouterr()
     assert main(common + ["--out", str(tmp_path / "strict"), "--set", "recover.backend=faulty", "--strict"]) == 2
     assert "--strict" in capsys.readouterr().err
