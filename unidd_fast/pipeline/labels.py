@@ -61,8 +61,9 @@ def _draws(distilled: TensorImages, ev: EvalConfig, flip: bool, device, seed: in
     for _ in range(epochs):
         batches = []
         for index in torch.randperm(n, generator=shuffle).split(size):
-            theta = aug.theta(index.numel(), generator, device)
-            boxes = cutmix_boxes(index.numel(), ev.cutmix, generator, device) if ev.cutmix > 0 else None
+            # a full batch of draws even for the last, shorter batch, as train_student draws them
+            theta = aug.theta(size, generator, device)[:index.numel()]
+            boxes = cutmix_boxes(size, ev.cutmix, generator, device)[:index.numel()] if ev.cutmix > 0 else None
             batches.append((index, theta, boxes))
         yield batches
 
