@@ -234,6 +234,12 @@ def test_folder_inputs_with_replaced_images_are_not_reported_as_finished(runs, t
     _replace_image(images / "new001" / "class001_id000.png")
     _fails(evaluate, capsys, "input distilled:", f"{images} (its contents changed)")
 
+    from_run = ["evaluate", "--from", str(recover), "--out", str(tmp_path / "ev_run"), "--seeds", "0",
+                "--set", "evaluate.epochs=1"] + TINY  # our own set: its index and the images beside it
+    assert main(from_run) == 0
+    _replace_image(recover / "new001" / "class001_id000.png")
+    _fails(from_run, capsys, "input distilled:", "(its contents changed)")
+
 
 def test_statistics_of_another_teacher_or_dataset_are_refused(runs, tmp_path, capsys):
     other = tmp_path / "sq_other"

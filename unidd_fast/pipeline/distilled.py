@@ -24,8 +24,9 @@ from torchvision.transforms import functional as TF
 from ..errors import ConfigError
 from ..real_stats import atomic_write
 from .datasets import image_loader
+from .fingerprint import SET_FOLDERS, SET_INDEX
 
-INDEX_FILE = "distilled.json"
+INDEX_FILE = SET_INDEX
 FORMAT = "unidd_fast.distilled/1"
 
 
@@ -55,7 +56,7 @@ class SetWriter:
         self.ext = "png" if fmt == "png" else "jpg"
 
     def image_file(self, c: int, ipc_index: int) -> Path:
-        return self.root / f"new{c:03d}" / f"class{c:03d}_id{ipc_index:03d}.{self.ext}"
+        return self.root / f"{SET_FOLDERS}{c:03d}" / f"class{c:03d}_id{ipc_index:03d}.{self.ext}"
 
     def write(self, cb, images: torch.Tensor) -> None:
         """Class-batch ``cb``'s normalised images (k, C, H, W)."""

@@ -8,17 +8,28 @@ import os
 from pathlib import Path
 
 HASH_LIMIT = 2**30  # input files up to this size are fingerprinted by content, larger ones by size and mtime
+# the index of a distilled set (pipeline/distilled.py), written last beside the set's class
+# folders new{c:03d}/: its images count as part of it, so a replaced image is seen
+SET_INDEX = "distilled.json"
+SET_FOLDERS = "new"
 
 
 def fingerprint(path) -> dict:
     """What identifies an input file or folder: its absolute path and content hash (size and
     mtime for files over HASH_LIMIT); for a folder (an ImageFolder dataset or distilled set)
-    a hash of the names, sizes and modification times of every file under it."""
+    a hash of the names, sizes and modification times of every file under it; for a set's
+    index ``distilled.json`` also that of the class folders beside it."""
     path = Path(path).expanduser().resolve()
     if path.is_dir():
         return {"path": str(path), **tree_fingerprint(path)}
     if not path.is_file():
         return {"path": str(path)}
+    if path.name == SET_INDEX:
+        return {**_file_fingerprint(path), **tree_fingerprint(path.parent, top=SET_FOLDERS)}
+    return _file_fingerprint(path)
+
+
+def _file_fingerprint(path: Path) -> dict:
     size = path.stat().st_size
     if size > HASH_LIMIT:
         return {"path": str(path), "size": size, "mtime_ns": path.stat().st_mtime_ns}
@@ -29,11 +40,15 @@ def fingerprint(path) -> dict:
     return {"path": str(path), "sha256": digest.hexdigest()}
 
 
-def tree_fingerprint(folder: Path) -> dict:
+def tree_fingerprint(folder: Path, top: str | None = None) -> dict:
     """{"files": count, "tree": sha256 of every file's relative path, size and mtime} under
-    ``folder`` (following symbolic links, as ImageFolder does); one stat per file, no reads."""
+    ``folder`` (following symbolic links, as ImageFolder does), or only under its sub-folders
+    whose names start with ``top``; one stat per file, no reads."""
     digest, count = hashlib.sha256(), 0
     for root, dirs, names in os.walk(folder, followlinks=True):
+        if top is not None and Path(root) == folder:
+            dirs[:] = [d for d in dirs if d.startswith(top)]
+            names = []
         dirs.sort()
         for name in sorted(names):
             file = Path(root) / name
