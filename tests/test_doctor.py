@@ -1,7 +1,9 @@
-"""`unidd-fast doctor`: every backend of every fused op against float64, on the CPU here;
-a backend returning wrong values fails its rows; measured times steer `auto` on CUDA."""
+"""`unidd-fast doctor`: every backend of every fused op against float64, and every recover-step
+feature against the eager fp32 step, on the CPU here; a backend or feature returning wrong
+values fails its rows; measured times steer `auto` on CUDA."""
 import json
 
+import pytest
 import torch
 
 from unidd_fast import cli, doctor
@@ -19,11 +21,34 @@ def test_doctor_json_lists_every_op_and_backend(tmp_path, capsys):
     assert all(r["passed"] and r["backend"] == "torch" and r["median_s"] > 0 and 0 < r["error"] < 1e-3
                for r in report["results"])
     assert report["shapes"] == [[2, 128, 8, 8], [2, 128, 4, 4], [2, 128, 2, 2]]
-    assert "regularized_inverse" in capsys.readouterr().out
+    features = {r["feature"]: r for r in report["step_features"]}
+    assert list(features) == ["eager_fp32", "cuda_graphs", "capturable_adam", "bf16_autocast", "channels_last"]
+    for name in ("cuda_graphs", "capturable_adam"):  # CUDA only: not applicable here, never "passed"
+        assert features[name]["passed"] is None and features[name]["applicable"] is False
+    for name in ("bf16_autocast", "channels_last"):
+        row = features[name]
+        assert row["passed"] and row["median_s"] > 0 and row["error"] <= row["tolerance"]
+    out = capsys.readouterr().out
+    assert "regularized_inverse" in out
+    assert [line.split()[2] for line in out.splitlines() if line.startswith(("cuda_graphs", "channels_last"))] == [
+        "n/a", "pass"]
+
+
+def test_a_wrong_or_raising_step_feature_fails_its_row(monkeypatch, tmp_path, capsys):
+    _faults.faulty_step_features(monkeypatch, wrong=("channels_last",), raising=("bf16_autocast",))
+    out = tmp_path / "doctor.json"
+    assert cli.main(["doctor", "--device", "cpu", "--arch", "convnet", "--image-size", "8", "--batch", "2",
+                     "--repeats", "1", "--backends", "torch", "--json", str(out)]) == 1
+    features = {r["feature"]: r for r in json.loads(out.read_text())["step_features"]}
+    assert features["channels_last"]["passed"] is False and features["channels_last"]["error"] == pytest.approx(1)
+    assert features["bf16_autocast"]["passed"] is False
+    assert "injected capture failure" in features["bf16_autocast"]["failure"]
+    assert features["cuda_graphs"]["passed"] is None
+    assert "FAIL" in capsys.readouterr().out
 
 
 def test_doctor_runs_triton_in_the_interpreter():
-    report = doctor.run("cpu", shapes=[(2, 9, 3, 2)], repeats=1)
+    report = doctor.run("cpu", shapes=[(2, 9, 3, 2)], repeats=1, step_features=False)
     rows = {(r["op"], r["backend"]): r for r in report["results"]}
     assert {b for _, b in rows} == {"torch", "triton"}
     assert all(r["passed"] for r in rows.values()), [r["failure"] for r in rows.values()]
@@ -31,7 +56,7 @@ def test_doctor_runs_triton_in_the_interpreter():
 
 def test_a_wrong_or_raising_backend_fails_its_rows(monkeypatch):
     _faults.install(monkeypatch)
-    report = doctor.run("cpu", shapes=[(3, 6, 2, 2)], repeats=1, backends=["torch", "faulty"])
+    report = doctor.run("cpu", shapes=[(3, 6, 2, 2)], repeats=1, backends=["torch", "faulty"], step_features=False)
     rows = {(r["op"], r["backend"]): r for r in report["results"]}
     assert not rows["site_stats", "faulty"]["passed"] and rows["site_stats", "faulty"]["error"] > 1e-3
     assert "injected launch failure" in rows["regularized_inverse", "faulty"]["failure"]

@@ -1,14 +1,19 @@
-"""Pre-flight of a recover run's fused-op backends (CPU, injected faults): a backend returning
-wrong values or raising is switched off for the run with a warning in log.txt and
-results.json, the result equals the torch backend's, and --strict makes it an error."""
+"""Pre-flight of a run's fused-op backends and recover-step features (CPU, injected faults): a
+backend or feature returning wrong values or raising is switched off for the run with a
+warning in log.txt and results.json, the result equals that of a run without it, and
+--strict makes it an error. Covers recover and stats."""
+import dataclasses
 import json
 
 import pytest
 import torch
 
 from unidd_fast.cli import main
-from unidd_fast.pipeline import preflight
+from unidd_fast.errors import ConfigError
+from unidd_fast.pipeline import preflight, stepcheck
+from unidd_fast.pipeline.config import RecoverConfig
 from unidd_fast.pipeline.distilled import read_set
+from unidd_fast.real_stats import RealStats
 
 import _faults
 from _tiny_runs import squeeze_and_stats
@@ -29,6 +34,9 @@ def test_check_backends_on_a_model(faulty):
     assert {"backend faulty for site_stats", "backend faulty for regularized_inverse"} <= failed
     assert "backend faulty for site_stats_grad" not in failed
     assert "injected launch failure" in logged[0] and "uses backend torch" in logged[0]
+    # stats checks its site statistics only
+    backend, fallbacks = preflight.check_backends(model, (3, 6, 6), 2, "cpu", "faulty", ops=("site_stats",))
+    assert backend == "torch" and [f["feature"] for f in fallbacks] == ["backend faulty for site_stats"]
 
 
 def test_recover_falls_back_with_a_warning_and_strict_refuses(faulty, tmp_path, capsys):
@@ -45,3 +53,95 @@ def test_recover_falls_back_with_a_warning_and_strict_refuses(faulty, tmp_path, 
     capsys.readouterr()
     assert main(common + ["--out", str(tmp_path / "strict"), "--set", "recover.backend=faulty", "--strict"]) == 2
     assert "--strict" in capsys.readouterr().err
+
+
+def _case(gen, rc):
+    """A stepcheck case on a one-block ConvNet with real statistics of random images."""
+    from unidd_fast import collect_real_stats
+    from unidd_fast.pipeline.models import build_model
+    from unidd_fast.pipeline.recover import step_case
+
+    torch.manual_seed(int(torch.randint(0, 2**31, (1,), generator=gen)))
+    model = build_model("convnet", 3, 8, channels=2, width=6, depth=1).eval().requires_grad_(False)
+    data = [(torch.randn(8, 2, 8, 8, generator=gen), torch.arange(8) % 3) for _ in range(2)]
+    stats = collect_real_stats(model, data, 3, show_progress=False)
+    return step_case(model, stats, rc, True, (0.5, 0.4), (0.25, 0.2), (2, 8, 8), 3, "cpu")
+
+
+def test_step_features_on_the_cpu_check_what_exists_here(gen):
+    rc = RecoverConfig(lr=0.1, precision="bf16")
+    rows = {r["feature"]: r for r in stepcheck.check(_case(gen, rc))}
+    assert rows["eager_fp32"]["median_s"] > 0
+    for name in ("cuda_graphs", "capturable_adam"):  # CUDA only: not applicable, never passed
+        assert rows[name]["applicable"] is False and rows[name]["passed"] is None
+    for name in ("bf16_autocast", "channels_last"):
+        row = rows[name]
+        assert row["passed"] and row["loss_error"] <= row["loss_tolerance"] and row["error"] <= row["tolerance"]
+    assert rows["bf16_autocast"]["loss_error"] > 0  # autocast was on
+    assert rows["bf16_autocast"]["error"] > rows["channels_last"]["error"]  # bf16 rounds far more
+    logged = []
+    assert preflight.check_step_features(_case(gen, rc), rc, log=logged.append) == (rc, []) and not logged
+
+
+@pytest.mark.parametrize("fault", ["raising", "wrong"])
+def test_a_failing_cuda_graph_or_capturable_adam_turns_graphs_off(gen, monkeypatch, fault):
+    """On a (pretended) GPU: the capture raising, or capturable Adam doubling the update."""
+    failing = "cuda_graphs" if fault == "raising" else "capturable_adam"
+    _faults.faulty_step_features(monkeypatch, cuda=True, **{fault: (failing,)})
+    rc = RecoverConfig(lr=0.1, precision="bf16")
+    logged = []
+    got, fallbacks = preflight.check_step_features(_case(gen, rc), rc, log=logged.append)
+    # a failing capturable Adam fails the graphs too (a capture needs it): both go
+    want = ["step feature cuda_graphs"] if fault == "raising" else ["step feature cuda_graphs",
+                                                                     "step feature capturable_adam"]
+    assert [f["feature"] for f in fallbacks] == want
+    assert got == dataclasses.replace(rc, cuda_graphs="off")  # bf16 and channels_last passed and stay
+    assert len(logged) == 1 and logged[0].startswith("warning: step feature cuda_graphs failed the pre-flight")
+    assert ("injected capture failure" if fault == "raising" else "image update 1 (tolerance 0.25)") in logged[0]
+    with pytest.raises(ConfigError, match=f"step feature {failing} failed.*--strict makes this an error"):
+        preflight.check_step_features(_case(gen, rc), rc, strict=True)
+
+
+def test_recover_turns_failing_step_features_off_with_the_result_of_a_run_without_them(monkeypatch, tmp_path, capsys):
+    _faults.faulty_step_features(monkeypatch, wrong=("channels_last",), raising=("bf16_autocast",))
+    _, st = squeeze_and_stats(tmp_path)
+    common = ["recover", "--from", str(st), "--quiet", "--ipc", "1", "--seeds", "0", "--iterations", "2"]
+    assert main(common + ["--out", str(tmp_path / "faulty"), "--precision", "bf16"]) == 0
+    results = json.loads((tmp_path / "faulty" / "results.json").read_text())
+    assert [(f["feature"], f["fallback"]) for f in results["fallbacks"]] == [
+        ("step feature bf16_autocast", "an fp32 teacher"),
+        ("step feature channels_last", "NCHW (contiguous) images and teacher")]
+    log = (tmp_path / "faulty" / "log.txt").read_text()
+    assert "step feature bf16_autocast failed the pre-flight check (RuntimeError: injected capture failure" in log
+    assert "step feature channels_last failed the pre-flight check (loss relative error" in log
+    # no step feature in use: nothing to check, and the same images as the run that fell back
+    plain = ["--out", str(tmp_path / "plain"), "--precision", "fp32", "--set", "recover.channels_last=false"]
+    assert main(common + plain) == 0
+    assert json.loads((tmp_path / "plain" / "results.json").read_text())["fallbacks"] == []
+    (want, want_labels), (got, got_labels) = read_set(tmp_path / "plain"), read_set(tmp_path / "faulty")
+    assert torch.equal(want, got) and torch.equal(want_labels, got_labels)
+    capsys.readouterr()
+    assert main(common + ["--out", str(tmp_path / "strict"), "--strict"]) == 2
+    assert "step feature channels_last failed" in capsys.readouterr().err
+
+
+def test_stats_falls_back_from_a_faulty_site_statistics_backend(faulty, tmp_path, capsys):
+    sq, st = squeeze_and_stats(tmp_path)
+    assert json.loads((st / "results.json").read_text())["fallbacks"] == []
+    common = ["stats", "--from", str(sq), "--quiet", "--set", "recover.backend=faulty"]
+    assert main(common + ["--out", str(tmp_path / "faulty")]) == 0
+    results = json.loads((tmp_path / "faulty" / "results.json").read_text())
+    assert [(f["feature"], f["fallback"]) for f in results["fallbacks"]] == [("backend faulty for site_stats",
+                                                                            "backend torch")]
+    assert "relative error" in results["fallbacks"][0]["failure"]
+    assert "warning: backend faulty for site_stats failed the pre-flight check" in (
+        tmp_path / "faulty" / "log.txt").read_text()
+    want, got = RealStats.load(st / "stats.safetensors"), RealStats.load(tmp_path / "faulty" / "stats.safetensors")
+    assert want.sites == got.sites
+    for site in want.sites:
+        assert torch.equal(want[site].psi, got[site].psi) and torch.equal(want[site].mu, got[site].mu)
+    capsys.readouterr()
+    assert main(common + ["--out", str(tmp_path / "strict"), "--strict"]) == 2
+    assert "backend faulty for site_stats failed" in capsys.readouterr().err
+    assert main(common + ["--out", str(tmp_path / "strict")]) == 0  # the same --out, without --strict
+    assert (tmp_path / "strict" / "stats.safetensors").is_file()

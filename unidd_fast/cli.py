@@ -75,8 +75,8 @@ def _stage_parser(sub, name: str):
                         "(auto: on for CUDA)")
     p.add_argument("--compile", action="store_true", default=None, help="recover: torch.compile the teacher")
     p.add_argument("--strict", action="store_true", default=None,
-                   help="recover: a fused-op backend that fails the pre-flight check is an error "
-                        "(default: warn and use the torch backend)")
+                   help="stats, recover: a fused-op backend or recover-step feature that fails the pre-flight "
+                        "check is an error (default: warn and run without it)")
     p.add_argument("--teacher", metavar="FILE", help="teacher.safetensors written by squeeze")
     p.add_argument("--stats", metavar="FILE", help="stats.safetensors written by stats")
     p.add_argument("--teacher-checkpoint", metavar="FILE",

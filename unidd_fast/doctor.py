@@ -10,6 +10,11 @@ Ops checked (each per backend that runs on the device and dtype):
   cfm_site_loss         statistics → FLC → CFM filter + signal losses of the site, value and dX
 The reference is the torch backend on float64 copies of the same inputs; errors are relative
 Frobenius norms, the worst over the teacher's sites; times are medians, summed over the sites.
+
+Then the fast features of the recover step (CUDA graphs, capturable Adam, bf16 autocast,
+channels_last) are each run for a few full recover steps (CFM, on the teacher with random
+weights and statistics of random images) against the eager fp32 step
+(``unidd_fast.pipeline.stepcheck``); a CUDA-only feature is "not applicable" on the CPU.
 """
 from __future__ import annotations
 
@@ -48,10 +53,17 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _rel(got, want) -> float:
-    got, want = got.double(), want.double()
+def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
+    """‖got − want‖ / ‖want‖ (Frobenius, float64; NaN when got is not finite)."""
+    got, want = got.detach().double(), want.detach().double()
     scale = float(want.norm())
     return float((got - want).norm()) / (scale if scale > 0 else 1.0)
+
+
+def worst(errors) -> float:
+    """The largest of ``errors``, NaN if any is NaN (``max`` would skip a NaN after the first)."""
+    errors = list(errors)
+    return float("nan") if any(e != e for e in errors) else max(errors)
 
 
 def _timed(fn, device, repeats: int):
@@ -67,13 +79,15 @@ def _timed(fn, device, repeats: int):
     return result, statistics.median(times)
 
 
-def _cases(shape, dtype, device, gen):
-    """The op functions of one site shape: op -> f(backend) returning a tuple of tensors."""
+def _cases(shape, dtype, device, gen, memory_format=torch.contiguous_format):
+    """The op functions of one site shape: op -> f(backend) returning a tuple of tensors; the
+    feature maps in ``memory_format``."""
     from . import ops
     from .site_loss import cfm_site_loss
 
     n, d, h, w = shape
     feat = (torch.randn(shape, generator=gen, dtype=torch.float64) * 1.5 + 0.3).to(device)
+    feat = feat.contiguous(memory_format=memory_format)
     g_psi, g_mu, g_pooled = (torch.randn(s, generator=gen, dtype=torch.float64).to(device) for s in ((d, d), (d,), (n, d)))
     targets = torch.randint(0, CLASSES, (n,), generator=gen).to(device)
     psi_real, _, pooled_real = ops.site_stats(torch.randn(shape, generator=gen, dtype=torch.float64).to(device), "torch")
@@ -115,12 +129,36 @@ def _cases(shape, dtype, device, gen):
             "regularized_inverse_grad": inverse_grad, "cfm_site_loss": loss}
 
 
+def step_case(device, arch: str, image_size: int, batch: int, seed: int = 0):
+    """The recover-step check case of ``arch`` with random weights: a class-batch of ``batch``
+    random images, CFM with the default recover settings and the statistics of two batches of
+    random images."""
+    from .pipeline.config import RecoverConfig
+    from .pipeline.models import build_model
+    from .pipeline.recover import step_case as run_case
+    from .real_stats import collect_real_stats
+
+    gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    classes = max(batch, CLASSES)
+    model = build_model(arch, num_classes=classes, image_size=image_size).to(device).eval().requires_grad_(False)
+    data = [(torch.randn(batch, 3, image_size, image_size, generator=gen), torch.arange(batch) % classes)
+            for _ in range(2)]
+    stats = collect_real_stats(model, data, classes, device=device, show_progress=False)
+    return run_case(model, stats, RecoverConfig(), True, (0.5,) * 3, (0.25,) * 3, (3, image_size, image_size),
+                    batch, device, seed)
+
+
 def run(device="cpu", arch="resnet18", image_size=32, batch=8, dtypes=None, repeats=3, seed=0,
-        shapes=None, backends=None, progress=None) -> dict:
+        shapes=None, backends=None, progress=None, ops=OPS, step_features=True,
+        memory_format=torch.contiguous_format) -> dict:
     """Check every (op, backend, dtype) at the teacher's site shapes; returns the report dict
     {"environment", "shapes", "results": [{op, backend, dtype, passed, error, tolerance, median_s,
-    failure}]}. ``shapes`` overrides the teacher's (n, d, h, w) list; ``backends`` limits the
-    backends checked (default: every one that runs here)."""
+    failure}], "step_features": [stepcheck.check rows]}. ``shapes`` overrides the teacher's
+    (n, d, h, w) list; ``backends`` limits the backends checked (default: every one that runs
+    here); ``ops`` the ops; ``memory_format`` that of the feature maps (a run's teacher in
+    channels_last hands its sites channels_last maps); ``step_features=False`` leaves out the
+    recover-step features."""
     from .kernels import registry
 
     device = torch.device(device)
@@ -130,7 +168,7 @@ def run(device="cpu", arch="resnet18", image_size=32, batch=8, dtypes=None, repe
     shapes = shapes or site_shapes(arch, image_size, batch)
     results = []
     for dtype in dtypes:
-        for op in OPS:
+        for op in ops:
             backends = [name for name, b in registry.BACKENDS.items()
                         if b.available() and b.devices(device) and b.supports(device, dtype)
                         and (backends is None or name in backends)]
@@ -139,25 +177,34 @@ def run(device="cpu", arch="resnet18", image_size=32, batch=8, dtypes=None, repe
                        "tolerance": TOLERANCE[dtype], "error": 0.0, "median_s": 0.0, "passed": True, "failure": None}
                 for shape in shapes:
                     gen = torch.Generator().manual_seed(seed)
-                    cases = _cases(shape, dtype, device, gen)
+                    cases = _cases(shape, dtype, device, gen, memory_format)
                     ref_gen = torch.Generator().manual_seed(seed)
                     ref_cases = _cases(shape, torch.float64, device, ref_gen)
                     try:
                         got, seconds = _timed(lambda: cases[op](backend), device, repeats)
                         want = ref_cases[op]("torch")
-                        error = max(_rel(g, w) for g, w in zip(got, want))
+                        error = worst(relative_error(g, w) for g, w in zip(got, want))
                     except Exception as exc:  # a backend that raises fails the check, it does not stop it
                         row.update(passed=False, error=None, failure=f"{shape}: {type(exc).__name__}: {exc}")
                         break
                     row["median_s"] += seconds
-                    row["error"] = max(row["error"], error)
+                    row["error"] = worst([row["error"], error])
                     if not error <= TOLERANCE[dtype]:
                         row.update(passed=False, failure=f"{shape}: relative error {error:.3g}")
                 results.append(row)
                 if progress is not None:
                     progress(row)
+    features = []
+    if step_features:
+        from .pipeline import stepcheck
+
+        features = stepcheck.check(step_case(device, arch, image_size, batch, seed), repeats=repeats)
+        if progress is not None:
+            for row in features:
+                progress({"op": "recover_step", "backend": row["feature"], "dtype": row["dtype"],
+                          "passed": row["passed"]})
     return {"environment": registry.environment_key(device), "arch": arch, "image_size": image_size,
-            "batch": batch, "shapes": [list(s) for s in shapes], "results": results}
+            "batch": batch, "shapes": [list(s) for s in shapes], "results": results, "step_features": features}
 
 
 def measured_timings(report: dict) -> dict:
@@ -170,14 +217,33 @@ def measured_timings(report: dict) -> dict:
     return timings
 
 
+def verdict(row: dict) -> str:
+    """"pass", "FAIL", "n/a" (a check that cannot run on this device: never a pass) or "ref"
+    (the eager fp32 step the step features are compared with)."""
+    if row.get("feature") == "eager_fp32":
+        return "ref"
+    return "n/a" if row["passed"] is None else "pass" if row["passed"] else "FAIL"
+
+
+def _number(value, scale=1.0, form=".2e") -> str:
+    return "-" if value is None else format(scale * value, form)
+
+
 def table(report: dict) -> str:
     lines = [f"{'op':26} {'backend':8} {'dtype':9} {'result':6} {'error':>10} {'median ms':>10}"]
     for row in report["results"]:
-        error = "-" if row["error"] is None else f"{row['error']:.2e}"
-        lines.append(f"{row['op']:26} {row['backend']:8} {row['dtype']:9} {'pass' if row['passed'] else 'FAIL':6} "
-                     f"{error:>10} {1e3 * row['median_s']:10.3f}")
+        lines.append(f"{row['op']:26} {row['backend']:8} {row['dtype']:9} {verdict(row):6} "
+                     f"{_number(row['error']):>10} {_number(row['median_s'], 1e3, '.3f'):>10}")
         if row["failure"]:
             lines.append(f"    {row['failure']}")
+    if report.get("step_features"):
+        lines += ["", f"{'recover step feature':26} {'dtype':9} {'result':6} {'loss error':>10} {'update err':>10} "
+                      f"{'ms/step':>10}"]
+        for row in report["step_features"]:
+            lines.append(f"{row['feature']:26} {row['dtype']:9} {verdict(row):6} {_number(row['loss_error']):>10} "
+                         f"{_number(row['error']):>10} {_number(row['median_s'], 1e3, '.3f'):>10}")
+            if row["failure"]:
+                lines.append(f"    {row['failure']}")
     return "\n".join(lines)
 
 
@@ -217,8 +283,8 @@ def main(argv=None) -> int:
         return 2
     try:
         report = run(device, args.arch, args.image_size, args.batch, repeats=args.repeats, backends=backends,
-                     progress=lambda row: print(f"  {row['op']} {row['backend']} {row['dtype']}: "
-                                                f"{'pass' if row['passed'] else 'FAIL'}", file=sys.stderr))
+                     progress=lambda row: print(f"  {row['op']} {row['backend']} {row['dtype']}: {verdict(row)}",
+                                                file=sys.stderr))
     except UniddError as exc:
         print(f"unidd-fast doctor: error: {exc}", file=sys.stderr)
         return 2
@@ -230,4 +296,4 @@ def main(argv=None) -> int:
         tmp = path.with_name(path.name + ".tmp")
         tmp.write_text(json.dumps(report, indent=1))
         os.replace(tmp, path)
-    return 0 if all(row["passed"] for row in report["results"]) else 1
+    return 0 if all(row["passed"] is not False for row in report["results"] + report["step_features"]) else 1

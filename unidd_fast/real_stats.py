@@ -338,7 +338,7 @@ def merge_moments(acc: dict[str, MomentAccumulator], shapes: dict[str, tuple], n
 @torch.no_grad()
 def collect_real_stats(model: nn.Module, loader, num_classes: int, sites="bn", device=None,
                        show_progress: bool | None = None, distributed: bool = False,
-                       covariance: str = "exact") -> RealStats:
+                       covariance: str = "exact", backend: str = "auto") -> RealStats:
     """Exact statistics of the whole ``loader`` (yielding (images, int labels)) at every site.
 
     The model runs in eval mode; its outputs give the soft-label FLC (teacher probabilities).
@@ -353,6 +353,8 @@ def collect_real_stats(model: nn.Module, loader, num_classes: int, sites="bn", d
     per-batch population covariances, which drops the between-batch term and so depends on
     the batch size and order (the release uses an unshuffled loader); μ and Φ are exact in
     both. The choice is stored in ``provenance["covariance"]``.
+
+    backend: that of the site statistics (``ops.site_stats``).
     """
     if num_classes < 1:
         raise ConfigError(f"num_classes must be >= 1, got {num_classes}")
@@ -370,7 +372,7 @@ def collect_real_stats(model: nn.Module, loader, num_classes: int, sites="bn", d
     pending: dict[str, tuple] = {}
 
     def on_site(name, feat):
-        pending[name] = site_stats(feat)
+        pending[name] = site_stats(feat, backend)
         shapes[name] = tuple(feat.shape[1:])
 
     if distributed:

@@ -91,7 +91,8 @@ class RecoverConfig:
     precision: str = "auto"     # teacher forward/backward: fp32 | bf16 autocast; auto = bf16 on CUDA, fp32 on CPU
     cuda_graphs: str = "auto"   # capture the step once per class-batch shape, then replay: auto (on for CUDA) | on | off
     compile: bool = False       # torch.compile the teacher's forward
-    strict: bool = False        # a fused-op backend failing the pre-flight check is an error, not a fallback to torch
+    channels_last: bool = True  # teacher and images in channels_last (the site statistics read rows as views)
+    strict: bool = False        # a backend or step feature failing the pre-flight check is an error, not a fallback
 
 
 @dataclass

@@ -32,7 +32,7 @@ from ..loss import CFMLoss
 from ..progress import progress
 from ..real_stats import RealStats
 from ..regularizer import Regularizer
-from . import preflight
+from . import preflight, stepcheck
 from .augment import Augment, make_augment
 from .checkpoint import RecoverCheckpoint
 from .checks import check_ipc, check_provenance, check_stats, check_teacher
@@ -95,6 +95,18 @@ def pixel_bounds(mean, std, device) -> tuple[torch.Tensor, torch.Tensor]:
     mean = torch.tensor(mean, dtype=torch.float32, device=device).view(1, -1, 1, 1)
     std = torch.tensor(std, dtype=torch.float32, device=device).view(1, -1, 1, 1)
     return -mean / std, (1 - mean) / std
+
+
+def step_case(model: nn.Module, stats: RealStats | None, rc: RecoverConfig, flip: bool, mean, std,
+              image_shape: tuple, classes: int, device, seed: int = 0) -> stepcheck.Case:
+    """The ``stepcheck.Case`` of a run: its teacher and regulariser (``make_regularizer``), a
+    class-batch of ``classes`` random images (C, H, W) = ``image_shape`` (standard normal in
+    the normalised space) toward classes 0..classes-1, the run's augmentation and pixel range."""
+    init = torch.randn(classes, *image_shape, generator=make_generator(torch.device("cpu"), seed))
+    lo, hi = pixel_bounds(mean, std, device)
+    return stepcheck.Case(model, lambda: make_regularizer(rc, model, stats), rc,
+                          make_augment("recover", rc.crop_min, rc.shift, flip, rc.jitter), init.to(device),
+                          torch.arange(classes, device=device), lo, hi, seed)
 
 
 def recover_class_batch(init: torch.Tensor, targets: torch.Tensor, model: nn.Module, regularizer,
@@ -297,12 +309,18 @@ def run(cfg: Config, out: RunDir, teacher_path, stats_path=None, allow_stats_mis
     inputs = {"teacher": teacher_path, "stats": stats_path if cfg.recover.loss == "cfm" else None}
     if (done := out.start("recover", cfg, inputs)) is not None:
         return done
-    fallbacks = []
-    if cfg.recover.loss == "cfm":
-        backend, fallbacks = preflight.check_backends(
-            model, (data.channels, data.image_size, data.image_size), min(cfg.recover.batch_size, data.num_classes),
-            device, cfg.recover.backend, cfg.recover.sites, cfg.recover.strict, out.log)
-        cfg = dataclasses.replace(cfg, recover=dataclasses.replace(cfg.recover, backend=backend))
+    rc, fallbacks = cfg.recover, []
+    image_shape, classes = (data.channels, data.image_size, data.image_size), min(rc.batch_size, data.num_classes)
+    if rc.loss == "cfm":
+        layout = torch.channels_last if rc.channels_last else torch.contiguous_format
+        backend, fallbacks = preflight.check_backends(model, image_shape, classes, device, rc.backend, rc.sites,
+                                                      rc.strict, out.log, memory_format=layout)
+        rc = dataclasses.replace(rc, backend=backend)
+    if rc.loss != "none":
+        case = step_case(model, stats, rc, cfg.data.flip, data.mean, data.std, image_shape, classes, device)
+        rc, more = preflight.check_step_features(case, rc, rc.strict, out.log)
+        fallbacks += more
+    cfg = dataclasses.replace(cfg, recover=rc)
     many = len(cfg.ipc) * len(cfg.seeds) > 1
     sets = []
     for ipc in cfg.ipc:

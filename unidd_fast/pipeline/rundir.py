@@ -34,7 +34,8 @@ LOCK_FILE = ".unidd-lock"  # flock()ed by the process running a stage here; says
 _LOCKS: dict[Path, object] = {}  # run directories this process holds: {path: open lock file}
 # Keys that change how a stage runs, not what it computes: resuming with other values is fine.
 RUNTIME_KEYS = frozenset({"device", "threads", "checkpoint_every", "data.workers", "recover.backend",
-                          "recover.cuda_graphs", "recover.compile", "recover.strict"})
+                          "recover.cuda_graphs", "recover.compile", "recover.channels_last",
+                          "recover.strict"})
 # What each stage's result depends on (config sections or keys); "distill" compares everything.
 STAGE_KEYS = {
     "squeeze": ("data", "model", "squeeze", "seeds"),

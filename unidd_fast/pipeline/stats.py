@@ -25,6 +25,7 @@ from ..real_stats import MomentAccumulator, RealStats, atomic_write, collect_rea
 from .checks import check_teacher
 from .config import Config
 from .datasets import dataset_fingerprint, prepare_data, resolve_workers
+from . import preflight
 from .models import load_teacher, weights_sha256
 from .rundir import RunDir
 from .train import setup_device
@@ -32,6 +33,7 @@ from .train import setup_device
 CHECKPOINT = "checkpoints/stats.safetensors"
 CHECKPOINT_FORMAT = "unidd_fast.stats_checkpoint/2"
 CHUNK_BATCHES = 200  # batches between two checkpoints (≈ 51k images at batch size 256)
+PREFLIGHT_BATCH = 16  # images of the pre-flight check: the sites' (d, h, w) are the run's, n is capped
 
 
 def save_progress(path: Path, acc: dict[str, MomentAccumulator], shapes: dict, position: int, num_images: int,
@@ -63,7 +65,9 @@ def load_progress(path: Path, model_class: str) -> tuple[int, int, dict, dict]:
 
 
 def run(cfg: Config, out: RunDir, teacher_path, batch_size: int = 256, chunk_batches: int = CHUNK_BATCHES) -> dict:
-    """Write ``stats.safetensors`` (RealStats of ``cfg.recover.sites``) for the teacher."""
+    """Write ``stats.safetensors`` (RealStats of ``cfg.recover.sites``) for the teacher, the site
+    statistics computed by ``cfg.recover.backend`` after its pre-flight check
+    (``preflight.check_backends``; results' ``"fallbacks"``)."""
     device = setup_device(cfg)
     data = prepare_data(cfg)
     teacher, spec = load_teacher(teacher_path, device)
@@ -71,6 +75,11 @@ def run(cfg: Config, out: RunDir, teacher_path, batch_size: int = 256, chunk_bat
     teacher.to(memory_format=torch.channels_last)  # the site statistics then read (n·h·w, d) rows as views
     if (done := out.start("stats", cfg, {"teacher": teacher_path})) is not None:
         return done
+    # the site statistics' backend, checked at the teacher's site shapes (channels_last maps)
+    backend, fallbacks = preflight.check_backends(
+        teacher, (data.channels, data.image_size, data.image_size), min(batch_size, PREFLIGHT_BATCH), device,
+        cfg.recover.backend, cfg.recover.sites, cfg.recover.strict, out.log, ops=("site_stats",),
+        memory_format=torch.channels_last)
     here = distributed.info()
     model_class = type(teacher).__name__
     progress_file = out.path / CHECKPOINT
@@ -84,7 +93,7 @@ def run(cfg: Config, out: RunDir, teacher_path, batch_size: int = 256, chunk_bat
         loader = DataLoader(part, batch_size=batch_size, num_workers=resolve_workers(cfg.data.workers),
                             pin_memory=device.type == "cuda")
         got = collect_real_stats(teacher, loader, data.num_classes, sites=cfg.recover.sites, device=device,
-                                 distributed=here.world_size > 1)
+                                 distributed=here.world_size > 1, backend=backend)
         for name in got.sites:
             acc.setdefault(name, MomentAccumulator()).merge(MomentAccumulator.of(got[name], got.num_images))
         shapes.update(got.shapes)
@@ -104,6 +113,6 @@ def run(cfg: Config, out: RunDir, teacher_path, batch_size: int = 256, chunk_bat
         progress_file.unlink(missing_ok=True)
     out.log(f"stats: {len(stats)} sites ({cfg.recover.sites}) over {stats.num_images} images -> {path}")
     results = {"sites": stats.sites, "num_images": stats.num_images,
-               "artifacts": {"teacher": str(teacher_path), "stats": str(path)}}
+               "artifacts": {"teacher": str(teacher_path), "stats": str(path)}, "fallbacks": fallbacks}
     out.finish(results)
     return results

@@ -37,17 +37,21 @@ CHECK_EVERY = 50  # GPU, eager: steps between two reads of the finite flags (eac
 class StepOptions:
     """precision: "fp32" or "bf16" (autocast dtype of the teacher); cuda_graphs: capture and
     replay the step; compile: ``torch.compile`` the teacher; channels_last: run teacher and
-    images in channels_last (saves the (n·h·w, d) row copies of the site statistics)."""
+    images in channels_last (saves the (n·h·w, d) row copies of the site statistics);
+    capturable: Adam keeps its step count and learning rate on the device (CUDA only; always
+    on with cuda_graphs, which cannot capture the other Adam)."""
 
     precision: str = "fp32"
     cuda_graphs: bool = False
     compile: bool = False
     channels_last: bool = True
+    capturable: bool = False
 
 
 def resolve_options(rc, device) -> StepOptions:
     """StepOptions of a RecoverConfig on ``device``: precision "auto" is bf16 on CUDA and
-    fp32 on the CPU; cuda_graphs "auto" is on for CUDA; "on" without CUDA is an error."""
+    fp32 on the CPU; cuda_graphs "auto" is on for CUDA, with capturable Adam; "on" without
+    CUDA is an error; channels_last as ``rc.channels_last``."""
     device = torch.device(device)
     if rc.precision not in PRECISIONS:
         raise ConfigError(f"recover.precision must be one of {PRECISIONS}, got {rc.precision!r}")
@@ -56,8 +60,9 @@ def resolve_options(rc, device) -> StepOptions:
     if rc.cuda_graphs == "on" and device.type != "cuda":
         raise ConfigError(f"--cuda-graphs on needs a CUDA device, the run is on {device}; use --cuda-graphs off")
     precision = rc.precision if rc.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")
-    return StepOptions(precision=precision, cuda_graphs=device.type == "cuda" and rc.cuda_graphs != "off",
-                       compile=bool(rc.compile))
+    graphs = device.type == "cuda" and rc.cuda_graphs != "off"
+    return StepOptions(precision=precision, cuda_graphs=graphs, compile=bool(rc.compile),
+                       channels_last=bool(rc.channels_last), capturable=graphs)
 
 
 def teacher_autocast(device: torch.device, precision: str):
@@ -218,7 +223,8 @@ class RecoverEngine:
         key = tuple(init.shape)
         slot = self._slots.get(key)
         if slot is None:
-            slot = self._slots[key] = _Slot(key, self.rc, self.device, self.memory_format, self.options.cuda_graphs)
+            slot = self._slots[key] = _Slot(key, self.rc, self.device, self.memory_format,
+                                            self.options.capturable or self.options.cuda_graphs)
         init, targets = init.to(self.device), targets.to(self.device)
         slot.reset(init, targets)
         with annotate("recover/class-batch"):

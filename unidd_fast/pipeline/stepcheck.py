@@ -1,0 +1,166 @@
+"""The fast features of the recover step checked against the eager fp32 step: a few full
+recover steps (``step.RecoverEngine``: augment → teacher → CE + regulariser → backward →
+Adam → clip) on the same images, targets and random draws, once with every feature off and
+once per feature with only that feature on; the losses and the image update must agree
+within a tolerance of the feature's arithmetic. ``unidd-fast doctor`` reports these rows;
+``preflight.check_step_features`` runs them on a run's own model before its first
+class-batch.
+
+Features (``FEATURES``):
+  cuda_graphs      the step captured once and replayed (with capturable Adam, which a
+                   capture needs); CUDA only
+  capturable_adam  Adam with its step counter and learning rate on the device; CUDA only
+  bf16_autocast    the teacher's forward and backward under bf16 autocast
+  channels_last    teacher and images in channels_last
+
+Errors are relative: |Δ| / |reference| of the last step's cross-entropy and regulariser, and
+‖Δ‖ / ‖reference‖ (Frobenius) of the image update images_after − images_before over the
+steps. Adam normalises each pixel's gradient, so a pixel whose gradient is near zero moves by
+up to 2·lr on a rounding difference: the update amplifies rounding far more than the losses.
+Measured on the CPU (ResNet-18 at 32 px, CFM, class-batch 10, 3 seeds,
+``tests/test_stepcheck.py`` names the command): channels_last (float32 reordered) losses
+≤ 1.2e-4, update ≤ 0.09; bf16 autocast (8 significant bits) losses ≤ 3e-3, update ≤ 0.44.
+Tolerances (``LOSS_TOLERANCE``, ``TOLERANCE``): float32 1e-3 and 0.25, bfloat16 5e-2 and 0.75.
+A wrong step is caught by the losses, or by the update: a step that does not move the images,
+moves them twice as far or the wrong way has an update error of 1 or more.
+"""
+from __future__ import annotations
+
+import dataclasses
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from ..doctor import relative_error, worst
+from .config import RecoverConfig
+from .step import RecoverEngine, StepOptions
+
+STEPS = 3  # recover steps per check: with CUDA graphs, warm-up, capture and three replays
+REFERENCE = "eager_fp32"  # the row of the reference step in ``check``
+EAGER_FP32 = StepOptions(precision="fp32", cuda_graphs=False, compile=False, channels_last=False, capturable=False)
+TOLERANCE = {"float32": 0.25, "bfloat16": 0.75}  # the image update
+LOSS_TOLERANCE = {"float32": 1e-3, "bfloat16": 5e-2}
+
+
+@dataclass(frozen=True)
+class Feature:
+    """name; cuda_only: runs on CUDA devices only; dtype: arithmetic of the feature (its
+    tolerance); enable(options) -> StepOptions with the feature on; used(options) -> whether
+    StepOptions use it; disable(rc) -> the RecoverConfig of a run without it; fallback: what
+    that run does instead."""
+
+    name: str
+    cuda_only: bool
+    dtype: str
+    enable: Callable[[StepOptions], StepOptions]
+    used: Callable[[StepOptions], bool]
+    disable: Callable[[RecoverConfig], RecoverConfig]
+    fallback: str
+
+
+def _replace(**changes):
+    return lambda obj: dataclasses.replace(obj, **changes)
+
+
+FEATURES = (
+    # a capture needs capturable Adam; the run's Adam is capturable exactly when it captures
+    Feature("cuda_graphs", True, "float32", _replace(cuda_graphs=True, capturable=True), lambda o: o.cuda_graphs,
+            _replace(cuda_graphs="off"), "the eager step"),
+    Feature("capturable_adam", True, "float32", _replace(capturable=True), lambda o: o.capturable,
+            _replace(cuda_graphs="off"), "the eager step with non-capturable Adam"),
+    Feature("bf16_autocast", False, "bfloat16", _replace(precision="bf16"), lambda o: o.precision == "bf16",
+            _replace(precision="fp32"), "an fp32 teacher"),
+    Feature("channels_last", False, "float32", _replace(channels_last=True), lambda o: o.channels_last,
+            _replace(channels_last=False), "NCHW (contiguous) images and teacher"),
+)
+BY_NAME = {f.name: f for f in FEATURES}
+
+
+def applicable(feature: Feature, device: torch.device) -> bool:
+    return torch.device(device).type == "cuda" or not feature.cuda_only
+
+
+def build_engine(model, regularizer, rc, augment, generator, lo, hi, options: StepOptions) -> RecoverEngine:
+    """The engine a check runs (one place, so that tests can inject a faulty feature)."""
+    return RecoverEngine(model, regularizer, rc, augment, generator, lo, hi, options)
+
+
+@dataclass
+class Case:
+    """What the steps run on. model: the teacher (eval, frozen); make_regularizer() -> a fresh
+    regulariser on ``model`` (or None), removed after each check; rc: lr and betas (the
+    iterations are STEPS); init (k, C, H, W) and targets (k,) on the device; lo/hi (1, C, 1, 1)."""
+
+    model: torch.nn.Module
+    make_regularizer: Callable
+    rc: RecoverConfig
+    augment: Callable
+    init: torch.Tensor
+    targets: torch.Tensor
+    lo: torch.Tensor
+    hi: torch.Tensor
+    seed: int = 0
+
+
+def _steps(case: Case, options: StepOptions, repeats: int):
+    """((images after STEPS steps, CE, regulariser), median seconds per step over ``repeats`` runs)."""
+    rc = dataclasses.replace(case.rc, iterations=STEPS)
+    device = case.init.device
+    generator = torch.Generator(device).manual_seed(case.seed)
+    regularizer = case.make_regularizer()
+    try:
+        if regularizer is not None:
+            regularizer.set_curriculum(0, 1)
+        engine = build_engine(case.model, regularizer, rc, case.augment, generator, case.lo, case.hi, options)
+        result, times = None, []
+        for _ in range(max(repeats, 1)):
+            generator.manual_seed(case.seed)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            start = time.perf_counter()
+            out = engine.run(case.init, case.targets, desc="pre-flight")
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            times.append((time.perf_counter() - start) / STEPS)
+            result = out if result is None else result
+    finally:
+        if regularizer is not None:
+            regularizer.remove()
+    return result, statistics.median(times)
+
+
+def check(case: Case, features=None, repeats: int = 1) -> list[dict]:
+    """Rows {"feature", "dtype", "applicable", "passed", "loss_error", "error", "tolerance",
+    "loss_tolerance", "median_s", "failure"}: first "eager_fp32" (the reference, its time),
+    then each feature of ``features`` (names; default all) in FEATURES order. A feature that does not run on
+    this device is "not applicable": passed None, never True. The reference raising raises."""
+    device = case.init.device
+    reference, seconds = _steps(case, EAGER_FP32, repeats)
+    rows = [{"feature": REFERENCE, "dtype": "float32", "applicable": True, "passed": True, "loss_error": 0.0,
+             "error": 0.0, "tolerance": 0.0, "loss_tolerance": 0.0, "median_s": seconds, "failure": None}]
+    want_update = reference[0] - case.init
+    for feature in FEATURES:
+        if features is not None and feature.name not in features:
+            continue
+        row = {"feature": feature.name, "dtype": feature.dtype, "applicable": applicable(feature, device),
+               "passed": None, "loss_error": None, "error": None, "tolerance": TOLERANCE[feature.dtype],
+               "loss_tolerance": LOSS_TOLERANCE[feature.dtype], "median_s": None, "failure": None}
+        rows.append(row)
+        if not row["applicable"]:
+            continue
+        try:
+            (images, ce, reg), seconds = _steps(case, feature.enable(EAGER_FP32), repeats)
+        except Exception as exc:  # a feature that raises fails its check, it does not stop the others
+            row.update(passed=False, failure=f"{type(exc).__name__}: {exc}")
+            continue
+        loss_error = worst([relative_error(ce, reference[1]), relative_error(reg, reference[2])])
+        error = relative_error(images - case.init, want_update)
+        row.update(loss_error=loss_error, error=error, median_s=seconds)
+        row["passed"] = bool(loss_error <= row["loss_tolerance"] and error <= row["tolerance"])  # False for NaN
+        if not row["passed"]:
+            row["failure"] = (f"loss relative error {loss_error:.3g} (tolerance {row['loss_tolerance']:g}), "
+                              f"image update {error:.3g} (tolerance {row['tolerance']:g}) against the eager fp32 step")
+    return rows
