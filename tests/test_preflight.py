@@ -145,3 +145,14 @@ def test_stats_falls_back_from_a_faulty_site_statistics_backend(faulty, tmp_path
     assert "backend faulty for site_stats failed" in capsys.readouterr().err
     assert main(common + ["--out", str(tmp_path / "strict")]) == 0  # the same --out, without --strict
     assert (tmp_path / "strict" / "stats.safetensors").is_file()
+
+
+def test_float32_features_on_cuda_get_the_tf32_tolerance(monkeypatch):
+    graphs, bf16 = stepcheck.BY_NAME["cuda_graphs"], stepcheck.BY_NAME["bf16_autocast"]
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
+    assert [stepcheck.arithmetic(graphs, d) for d in ("cpu", "cuda")] == ["float32", "tf32"]
+    assert stepcheck.arithmetic(bf16, "cuda") == "bfloat16"
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    assert stepcheck.arithmetic(graphs, "cuda") == "float32"
+    tol = stepcheck.TOLERANCE
+    assert tol["float32"] < tol["tf32"] < tol["bfloat16"] < 1  # a wrong step (update error >= 1) always fails

@@ -254,6 +254,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image-size", type=int, default=32, metavar="N")
     p.add_argument("--batch", type=int, default=8, metavar="N", help="images per class-batch (n of every site)")
     p.add_argument("--repeats", type=int, default=3, metavar="N", help="timed calls per op (median)")
+    p.add_argument("--seed", type=int, default=0, metavar="N", help="seed of the random inputs and weights")
     p.add_argument("--backends", metavar="LIST", help="comma-separated backends to check (default: all that run here)")
     p.add_argument("--json", metavar="FILE", help="write the report as JSON")
     p.add_argument("--interpret", action="store_true",
@@ -282,7 +283,8 @@ def main(argv=None) -> int:
               file=sys.stderr)
         return 2
     try:
-        report = run(device, args.arch, args.image_size, args.batch, repeats=args.repeats, backends=backends,
+        report = run(device, args.arch, args.image_size, args.batch, repeats=args.repeats, seed=args.seed,
+                     backends=backends,
                      progress=lambda row: print(f"  {row['op']} {row['backend']} {row['dtype']}: {verdict(row)}",
                                                 file=sys.stderr))
     except UniddError as exc:
