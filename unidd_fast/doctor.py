@@ -220,7 +220,9 @@ def measured_timings(report: dict) -> dict:
 def verdict(row: dict) -> str:
     """"pass", "FAIL", "n/a" (a check that cannot run on this device: never a pass) or "ref"
     (the eager fp32 step the step features are compared with)."""
-    if row.get("feature") == "eager_fp32":
+    from .pipeline.stepcheck import REFERENCE
+
+    if row.get("feature") == REFERENCE:
         return "ref"
     return "n/a" if row["passed"] is None else "pass" if row["passed"] else "FAIL"
 

@@ -22,10 +22,10 @@ from .. import distributed
 from ..errors import ConfigError
 from ..progress import rate_line
 from ..real_stats import MomentAccumulator, RealStats, atomic_write, collect_real_stats
+from . import preflight
 from .checks import check_teacher
 from .config import Config
 from .datasets import dataset_fingerprint, prepare_data, resolve_workers
-from . import preflight
 from .models import load_teacher, weights_sha256
 from .rundir import RunDir
 from .train import setup_device
