@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from unidd_fast.cli import main
-from unidd_fast.errors import ConfigError
+from unidd_fast.errors import ConfigError, NonFiniteError
 from unidd_fast.pipeline import preflight, stepcheck
 from unidd_fast.pipeline.config import RecoverConfig
 from unidd_fast.pipeline.distilled import read_set
@@ -156,3 +156,11 @@ def test_float32_features_on_cuda_get_the_tf32_tolerance(monkeypatch):
     assert stepcheck.arithmetic(graphs, "cuda") == "float32"
     tol = stepcheck.TOLERANCE
     assert tol["float32"] < tol["tf32"] < tol["bfloat16"] < 1  # a wrong step (update error >= 1) always fails
+
+
+def test_a_failing_reference_step_is_the_run_s_error_named_as_the_pre_flight(gen):
+    rc = RecoverConfig(lr=0.1)
+    case = _case(gen, rc)
+    case.init[1] = float("nan")
+    with pytest.raises(NonFiniteError, match="^pre-flight, the eager fp32 recover step on random images: "):
+        preflight.check_step_features(case, rc)
