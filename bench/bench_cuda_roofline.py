@@ -40,21 +40,21 @@ CUSOLVER_CALL_S = 10e-6      # one cusolverDn potrf/potri call: host API + >= 2 
 def stats_chunks(n, d, hw):
     """The forward's row-chunk count, from the launcher itself (csrc/site_stats.cu, via the
     CPU build of the kernels: one rule, no copy of it here)."""
-    return EmulatedKernels(build_emulator(OUT)).stats_chunks(n, d, hw, SMS)
+    return EmulatedKernels(build_emulator(OUT)).stats_chunks(n, d, hw)
 
 
 def stats_fwd(n, d, h, w, dtype):
     """gram_kernel: lower 64x64 channel-tile pairs x row chunks, 2·rows·64² FMA-FLOPs per pair
     (rows padded to BK); X read from HBM once (the other tiles' re-reads of a chunk run
-    together and hit L2), partial Grams written and read back once, psum atomics."""
+    together and hit L2), partial Grams and per-chunk sums written and read back once; 4 launches."""
     N, nt = n * h * w, -(-d // STATS_TILE)
     pairs, chunks = nt * (nt + 1) // 2, stats_chunks(n, d, h * w)
     rows = -(-N // STATS_BK) * STATS_BK
     flops = 2 * rows * STATS_TILE ** 2 * pairs
-    nbytes = N * d * ELEM[dtype] + 2 * chunks * d * d * 4 + 3 * n * d * 4 + d * d * 8
+    nbytes = N * d * ELEM[dtype] + 2 * chunks * (d * d + 3 * d) * 4 + 3 * n * d * 4 + d * d * 8
     occupancy = min(1.0, pairs * chunks / (SMS * BLOCKS_PER_SM))
     r = term(flops, PEAK["fp32"] * occupancy, nbytes)
-    r["predicted_us"] += 3 * LAUNCH_S * 1e6
+    r["predicted_us"] += 4 * LAUNCH_S * 1e6
     r["l2_bytes"] = N * STATS_TILE * ELEM[dtype] * nt * nt
     return r
 

@@ -41,20 +41,19 @@ UniddFeatureMap feature_map(const at::Tensor& x, int64_t n, int64_t d, int64_t h
 }
 
 void stats_forward(const at::Tensor& x, int64_t n, int64_t d, int64_t hw, int64_t sn, int64_t sc, int64_t sp,
-                   int64_t num_sms, at::Tensor partial, at::Tensor psum, at::Tensor psi, at::Tensor mu,
+                   at::Tensor partial, at::Tensor psum, at::Tensor psi, at::Tensor mu,
                    at::Tensor pooled) {
   const UniddFeatureMap f = feature_map(x, n, d, hw, sn, sc, sp);
   const c10::cuda::CUDAGuard guard(x.device());
-  const int64_t chunks = unidd_stats_chunks(f.n, f.d, f.hw, int(num_sms));
   check_buffer(partial, "partial", at::kFloat, x);
   check_buffer(psum, "psum", at::kFloat, x);
   check_buffer(psi, "psi", at::kFloat, x);
   check_buffer(mu, "mu", at::kFloat, x);
   check_buffer(pooled, "pooled", at::kFloat, x);
-  TORCH_CHECK(partial.numel() >= chunks * d * d + d && psum.numel() >= n * d && psi.numel() >= d * d &&
+  TORCH_CHECK(partial.numel() >= unidd_stats_workspace(f.n, f.d, f.hw) && psum.numel() >= n * d && psi.numel() >= d * d &&
                   mu.numel() >= d && pooled.numel() >= n * d,
               "stats_forward: a buffer is too small");
-  check(unidd_stats_forward(f, int(num_sms), partial.data_ptr<float>(), psum.data_ptr<float>(), psi.data_ptr<float>(),
+  check(unidd_stats_forward(f, partial.data_ptr<float>(), psum.data_ptr<float>(), psi.data_ptr<float>(),
                             mu.data_ptr<float>(), pooled.data_ptr<float>(), at::cuda::getCurrentCUDAStream()),
         "stats_forward");
 }
@@ -123,8 +122,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.attr("device_type") = "cuda";
   m.attr("INVERSE_TILE") = int(UNIDD_INV_TILE);
   m.attr("INVERSE_MAX_GROUPS") = int(UNIDD_INV_MAX_GROUPS);
-  m.def("stats_chunks", [](int n, int d, int hw, int num_sms) { return unidd_stats_chunks(n, d, hw, num_sms); },
-        "row chunks of the statistics forward (rows of its partial-Gram workspace)");
+  m.def("stats_chunks", [](int n, int d, int hw) { return unidd_stats_chunks(n, d, hw); },
+        "row chunks of the statistics forward");
+  m.def("stats_workspace", [](int n, int d, int hw) { return unidd_stats_workspace(n, d, hw); },
+        "floats of the statistics forward's partial workspace");
   m.def("stats_forward", &stats_forward, "site statistics forward into caller-owned buffers");
   m.def("stats_backward", &stats_backward, "site statistics backward into dx");
   m.def("inverse", &inverse, "batched (A + beta I)^-1 of up to INVERSE_MAX_GROUPS groups");

@@ -5,6 +5,9 @@
 // barrier placement and arithmetic are executed for real, in fp32, on the CPU. What this
 // does NOT check: data races between threads of a block (fibres never interleave between
 // barriers), races between blocks, the GPU memory model, warp-level behaviour, speed.
+// Blocks run in grid order, or in a seeded pseudo-random order after
+// unidd_emu_set_block_order(seed != 0): a kernel whose result depends on the order in which
+// blocks finish (atomics across blocks) gives different bits under different seeds.
 // A __syncthreads() reached by some threads of a block while others have exited is
 // reported as an error (a deadlock or undefined behaviour on a GPU).
 //
@@ -68,6 +71,7 @@ struct Block {
 };
 
 inline Block* active = nullptr;
+inline uint64_t block_order_seed = 0;  // 0: grid order
 constexpr size_t kStackBytes = 64 * 1024;
 
 inline void trampoline() {
@@ -132,17 +136,29 @@ void launch(dim3 grid, dim3 block, F&& kernel_call) {
   active = &blk;
   gridDim = grid;
   blockDim = block;
-  for (unsigned z = 0; z < grid.z; ++z)
-    for (unsigned y = 0; y < grid.y; ++y)
-      for (unsigned x = 0; x < grid.x; ++x) {
-        blockIdx = dim3(x, y, z);
-        if (!run_block(blk)) {
-          fprintf(stderr, "emu: barrier divergence in block (%u,%u,%u)\n", x, y, z);
-          last_error = cudaErrorLaunchFailure;
-          active = nullptr;
-          return;
-        }
-      }
+  std::vector<uint64_t> order(size_t(grid.x) * grid.y * grid.z);
+  for (size_t i = 0; i < order.size(); ++i) order[i] = i;
+  uint64_t state = block_order_seed;
+  for (size_t i = order.size(); state != 0 && i > 1; --i) {  // Fisher-Yates with splitmix64
+    uint64_t z = (state += 0x9e3779b97f4a7c15ull);
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+    const size_t j = size_t((z ^ (z >> 31)) % i);
+    const uint64_t t = order[i - 1];
+    order[i - 1] = order[j];
+    order[j] = t;
+  }
+  for (const uint64_t linear : order) {
+    const unsigned x = unsigned(linear % grid.x), y = unsigned(linear / grid.x % grid.y),
+                   z = unsigned(linear / (uint64_t(grid.x) * grid.y));
+    blockIdx = dim3(x, y, z);
+    if (!run_block(blk)) {
+      fprintf(stderr, "emu: barrier divergence in block (%u,%u,%u)\n", x, y, z);
+      last_error = cudaErrorLaunchFailure;
+      active = nullptr;
+      return;
+    }
+  }
   active = nullptr;
 }
 
@@ -184,6 +200,11 @@ inline emu::bf16_t __float2bfloat16_rn(float v) {
   if ((u & 0x7fffffffu) > 0x7f800000u) return {uint16_t((u >> 16) | 0x40u)};  // quiet NaN
   u += 0x7fffu + ((u >> 16) & 1u);
   return {uint16_t(u >> 16)};
+}
+
+// Block order of every later launch: 0 grid order, else a permutation seeded by `seed`.
+extern "C" __attribute__((used, visibility("default"))) inline void unidd_emu_set_block_order(uint64_t seed) {
+  emu::block_order_seed = seed;
 }
 
 inline cudaError_t cudaGetLastError() {

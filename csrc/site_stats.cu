@@ -4,14 +4,22 @@
 //   per-sample spatial means; all accumulated in fp32.
 // and the backward dx = (1/N)(x - mu)(G + G^T) + gmu/N + gpooled[i]/(h*w).
 //
-// Forward, three kernels after the caller zero-fills psum:
-//   gram:  grid (lower 64x64 channel tiles, row chunks). Each block accumulates
-//          sum_r (x_r - s)(x_r - s)^T over its rows for its tile into partial[chunk], with
-//          the shift s = x[0, :, 0, 0] (one data point: the shifted sum loses no precision
-//          when |mu| >> sigma, unlike E[xx^T] - mu mu^T). Blocks on diagonal tiles also add
-//          per-sample sums of x - s into psum (atomics: a sample spans few chunks).
-//   vec:   delta = sum(x - s)/N, mu = s + delta, pooled = s + psum/(h*w).
-//   psi:   psi = sum_chunks partial / N - delta delta^T, written symmetric.
+// Forward, four kernels, no atomics: every sum has one fixed order that depends only on the
+// shape (the row-chunk plan is a function of (n, d, hw), not of the GPU), so the results
+// are bit-identical from run to run (docs/cuda.md#reproducibility).
+//   gram:   grid (lower 64x64 channel tiles, row chunks). Each block accumulates
+//           sum_r (x_r - s)(x_r - s)^T over its rows for its tile into partial[chunk], with
+//           the shift s = x[0, :, 0, 0] (one data point: the shifted sum loses no precision
+//           when |mu| >> sigma, unlike E[xx^T] - mu mu^T). Blocks on diagonal tiles also sum
+//           x - s per channel: over the whole chunk into colsum[chunk], per sample into
+//           head[chunk] (the chunk's first sample), tail[chunk] (its last, when another) and
+//           psum[i] (the samples inside the chunk: one writer each).
+//   mean:   delta = sum_chunks colsum / N, mu = s + delta.
+//   pooled: pooled[i] = s + (psum[i], or the head/tail pieces of the chunks sample i spans,
+//           added in chunk order) / (h*w).
+//   psi:    psi = sum_chunks partial / N - delta delta^T, written symmetric.
+// mean and psi sum the chunks in two levels: LANES warps of a block each sum every
+// LANES-th chunk, then one thread adds the LANES sums in lane order.
 // Tensor cores are not used: the Gram matrix is accumulated with fp32 FMAs (exactly the
 // reference's arithmetic type).
 #include "common.cuh"
@@ -24,6 +32,12 @@ constexpr int TC = 64;  // channel (and, in the backward, row) tile
 constexpr int BK = 32;  // depth of a shared-memory stage
 constexpr int LDS = TC + 1;
 constexpr int THREADS = 256;
+constexpr int WARP = 32;
+constexpr int LANES = THREADS / WARP;  // the first level of the fixed-order chunk sums
+// The row-chunk plan targets this many Gram blocks (4 per SM of an H100 SXM) on every GPU:
+// a plan that followed the SM count would change the summation order, and so the last
+// bits of psi, mu and pooled, from one GPU model to another.
+constexpr int PLAN_BLOCKS = 4 * 132;
 
 template <typename T>
 struct Map {
@@ -38,9 +52,22 @@ struct Map {
   __device__ __forceinline__ float shift(int c) const { return to_float(x[c * sc]); }
 };
 
+// The forward's fp32 workspace after the per-chunk Grams (see unidd_cuda.h).
+struct Sums {
+  float* colsum;  // (chunks, d): sum over the chunk's rows of x - s
+  float* head;    // (chunks, d): the part of it in the chunk's first sample
+  float* tail;    // (chunks, d): the part in its last sample (0 when that is the first)
+  float* delta;   // (d,)
+};
+
+inline Sums sums_of(float* partial, int chunks, int d) {
+  float* p = partial + int64_t(chunks) * d * d;
+  return {p, p + int64_t(chunks) * d, p + int64_t(2) * chunks * d, p + int64_t(3) * chunks * d};
+}
+
 template <typename T>
 __global__ void __launch_bounds__(THREADS, 2) gram_kernel(Map<T> m, int rows_per_chunk, float* __restrict__ partial,
-                                                       float* __restrict__ psum) {
+                                                       Sums sums, float* __restrict__ psum) {
   __shared__ float SA[BK][LDS];
   __shared__ float SB[BK][LDS];
   __shared__ float shift_a[TC], shift_b[TC];
@@ -57,9 +84,13 @@ __global__ void __launch_bounds__(THREADS, 2) gram_kernel(Map<T> m, int rows_per
     shift_b[t] = cb + t < m.d ? m.shift(cb + t) : 0.f;
   }
   const bool rows_fast = m.sp == 1;  // NCHW: consecutive rows are adjacent in memory
-  const int pc = threadIdx.x;         // diagonal blocks: thread pc < TC sums channel ca + pc
-  int run_sample = r_begin / m.hw;
-  float run = 0.f;
+  // diagonal blocks: thread pc < TC sums channel ch over the rows, in row order
+  const int pc = threadIdx.x, ch = ca + pc;
+  const bool sums_channel = diag && pc < TC && ch < m.d;
+  const int64_t own = int64_t(blockIdx.y) * m.d + ch;
+  const int first_sample = r_begin / m.hw;
+  int run_sample = first_sample;
+  float run = 0.f, total = 0.f;
   float acc[4][4];
   zero(acc);
   for (int r0 = r_begin; r0 < r_end; r0 += BK) {
@@ -80,20 +111,26 @@ __global__ void __launch_bounds__(THREADS, 2) gram_kernel(Map<T> m, int rows_per
       if (!diag) SB[k][c] = vb;
     }
     __syncthreads();
-    if (diag && pc < TC && ca + pc < m.d) {
+    if (sums_channel) {
       for (int k = 0; k < BK && r0 + k < r_end; ++k) {
         const int i = (r0 + k) / m.hw;
-        if (i != run_sample) {
-          atomicAdd(&psum[int64_t(run_sample) * m.d + ca + pc], run);
+        if (i != run_sample) {  // sample run_sample ends inside this chunk
+          if (run_sample == first_sample) sums.head[own] = run;
+          else psum[int64_t(run_sample) * m.d + ch] = run;
           run = 0.f;
           run_sample = i;
         }
         run += SA[k][pc];
+        total += SA[k][pc];
       }
     }
     mma_4x4<BK, LDS>(acc, SA, diag ? SA : SB, threadIdx.x / 16, threadIdx.x % 16);
   }
-  if (diag && pc < TC && ca + pc < m.d && r_begin < r_end) atomicAdd(&psum[int64_t(run_sample) * m.d + ca + pc], run);
+  if (sums_channel) {  // run_sample is the chunk's last sample
+    if (run_sample == first_sample) sums.head[own] = run;
+    sums.tail[own] = run_sample == first_sample ? 0.f : run;
+    sums.colsum[own] = total;
+  }
   float* out = partial + int64_t(blockIdx.y) * m.d * m.d;
   const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
 #pragma unroll
@@ -105,33 +142,74 @@ __global__ void __launch_bounds__(THREADS, 2) gram_kernel(Map<T> m, int rows_per
     }
 }
 
-template <typename T>
-__global__ void __launch_bounds__(THREADS, 2) vec_kernel(Map<T> m, const float* __restrict__ psum,
-                                                      float* __restrict__ delta, float* __restrict__ mu,
-                                                      float* __restrict__ pooled) {
-  const int c = blockIdx.x * THREADS + threadIdx.x;
-  if (c >= m.d) return;
-  const float s = m.shift(c), inv_hw = 1.f / m.hw;
+// sum_{p < count} base[p * stride] in a fixed order, by all threads of a block: warp l sums
+// p = l, l + LANES, ... (its 32 threads: 32 independent sums, e.g. 32 adjacent columns),
+// then thread t < WARP adds the LANES sums of column t in lane order and returns the total
+// (other threads get 0). `active` false: that thread contributes nothing and reads nothing.
+__device__ __forceinline__ float lane_sum(const float* base, int64_t stride, int count, bool active,
+                                          float (*red)[WARP]) {
+  const int lane = threadIdx.x / WARP, col = threadIdx.x % WARP;
+  float v = 0.f;
+  if (active)
+    for (int p = lane; p < count; p += LANES) v += base[int64_t(p) * stride];
+  red[lane][col] = v;
+  __syncthreads();
   float total = 0.f;
-  for (int i = 0; i < m.n; ++i) {
-    const float v = psum[int64_t(i) * m.d + c];
-    total += v;
-    pooled[int64_t(i) * m.d + c] = s + v * inv_hw;
-  }
-  const float dl = total / (float(m.n) * float(m.hw));
-  delta[c] = dl;
-  mu[c] = s + dl;
+  if (lane == 0)
+    for (int l = 0; l < LANES; ++l) total += red[l][col];
+  return total;
 }
 
-__global__ void __launch_bounds__(THREADS, 2) psi_kernel(const float* __restrict__ partial, int chunks, int d, float inv_n,
-                                                      const float* __restrict__ delta, float* __restrict__ psi) {
-  const int a = blockIdx.y, b = blockIdx.x * THREADS + threadIdx.x;
-  if (b > a) return;
-  float total = 0.f;
-  for (int p = 0; p < chunks; ++p) total += partial[int64_t(p) * d * d + int64_t(a) * d + b];
-  const float v = total * inv_n - delta[a] * delta[b];
-  psi[int64_t(a) * d + b] = v;
-  psi[int64_t(b) * d + a] = v;
+template <typename T>
+__global__ void __launch_bounds__(THREADS, 2) mean_kernel(Map<T> m, int chunks, Sums sums, float* __restrict__ mu) {
+  __shared__ float red[LANES][WARP];
+  const int c = blockIdx.x * WARP + threadIdx.x % WARP;
+  const float total = lane_sum(sums.colsum + c, m.d, chunks, c < m.d, red);
+  if (threadIdx.x < WARP && c < m.d) {
+    const float dl = total / (float(m.n) * float(m.hw));
+    sums.delta[c] = dl;
+    mu[c] = m.shift(c) + dl;
+  }
+}
+
+// Sample of the first / last row of chunk p.
+__device__ __forceinline__ int chunk_first(int p, int rows_per_chunk, int hw) { return p * rows_per_chunk / hw; }
+__device__ __forceinline__ int chunk_last(int p, int rows_per_chunk, int hw, int N) {
+  const int end = N - p * rows_per_chunk < rows_per_chunk ? N : (p + 1) * rows_per_chunk;
+  return (end - 1) / hw;
+}
+
+// One thread per (sample i, channel c): sample i's sum is psum[i] when one chunk holds it
+// whole and it is neither that chunk's first nor last sample; otherwise the head / tail
+// pieces of the chunks it spans, added in chunk order.
+template <typename T>
+__global__ void __launch_bounds__(THREADS, 2) pooled_kernel(Map<T> m, int rows_per_chunk, Sums sums,
+                                                         const float* __restrict__ psum, float* __restrict__ pooled) {
+  const int c = blockIdx.x * WARP + threadIdx.x % WARP, i = blockIdx.y * LANES + threadIdx.x / WARP;
+  if (c >= m.d || i >= m.n) return;
+  const int N = m.n * m.hw, rpc = rows_per_chunk;
+  const int p0 = i * m.hw / rpc, p1 = ((i + 1) * m.hw - 1) / rpc;
+  float v = 0.f;
+  if (p0 == p1 && chunk_first(p0, rpc, m.hw) != i && chunk_last(p0, rpc, m.hw, N) != i) {
+    v = psum[int64_t(i) * m.d + c];
+  } else {
+    for (int p = p0; p <= p1; ++p)
+      v += (chunk_first(p, rpc, m.hw) == i ? sums.head : sums.tail)[int64_t(p) * m.d + c];
+  }
+  pooled[int64_t(i) * m.d + c] = m.shift(c) + v * (1.f / m.hw);
+}
+
+__global__ void __launch_bounds__(THREADS, 2) psi_kernel(const float* __restrict__ partial, int chunks, int d,
+                                                      float inv_n, const float* __restrict__ delta,
+                                                      float* __restrict__ psi) {
+  __shared__ float red[LANES][WARP];
+  const int a = blockIdx.y, b = blockIdx.x * WARP + threadIdx.x % WARP;
+  const float total = lane_sum(partial + int64_t(a) * d + b, int64_t(d) * d, chunks, b <= a, red);
+  if (threadIdx.x < WARP && b <= a) {
+    const float v = total * inv_n - delta[a] * delta[b];
+    psi[int64_t(a) * d + b] = v;
+    psi[int64_t(b) * d + a] = v;
+  }
 }
 
 // Backward: a (N, d) x (d, d) product, blocks over (64 rows, 64 output channels), K = d in
@@ -197,10 +275,11 @@ struct ChunkPlan {
   int chunks, rows;
 };
 
-// Row chunks so that (tiles x chunks) is about 4 blocks per SM, whole BK stages each.
-ChunkPlan plan_chunks(int n, int d, int hw, int num_sms) {
+// Row chunks so that (tiles x chunks) is about PLAN_BLOCKS blocks, whole BK stages each;
+// a function of the shape only.
+ChunkPlan plan_chunks(int n, int d, int hw) {
   const int N = n * hw, nt = ceil_div(d, TC), tiles = nt * (nt + 1) / 2;
-  int chunks = ceil_div(4 * (num_sms > 0 ? num_sms : 1), tiles);
+  int chunks = ceil_div(PLAN_BLOCKS, tiles);
   chunks = chunks < ceil_div(N, BK) ? chunks : ceil_div(N, BK);
   const int rows = ceil_div(ceil_div(N, chunks), BK) * BK;
   return {ceil_div(N, rows), rows};
@@ -217,17 +296,19 @@ Map<T> typed(const UniddFeatureMap& f) {
 }
 
 template <typename T>
-int run_forward(const UniddFeatureMap& f, int num_sms, float* partial, float* psum, float* psi, float* mu,
-            float* pooled, cudaStream_t stream) {
+int run_forward(const UniddFeatureMap& f, float* partial, float* psum, float* psi, float* mu, float* pooled,
+                cudaStream_t stream) {
   const Map<T> m = typed<T>(f);
-  const ChunkPlan plan = plan_chunks(f.n, f.d, f.hw, num_sms);
-  const int nt = ceil_div(f.d, TC);
-  float* delta = partial + int64_t(plan.chunks) * f.d * f.d;
+  const ChunkPlan plan = plan_chunks(f.n, f.d, f.hw);
+  const int nt = ceil_div(f.d, TC), col_blocks = ceil_div(f.d, WARP);
+  const Sums sums = sums_of(partial, plan.chunks, f.d);
   UNIDD_LAUNCH(gram_kernel<T>, dim3(nt * (nt + 1) / 2, plan.chunks), dim3(THREADS), stream, m, plan.rows, partial,
-               psum);
-  UNIDD_LAUNCH(vec_kernel<T>, dim3(ceil_div(f.d, THREADS)), dim3(THREADS), stream, m, psum, delta, mu, pooled);
-  UNIDD_LAUNCH(psi_kernel, dim3(ceil_div(f.d, THREADS), f.d), dim3(THREADS), stream, partial, plan.chunks, f.d,
-               1.f / (float(f.n) * float(f.hw)), delta, psi);
+               sums, psum);
+  UNIDD_LAUNCH(mean_kernel<T>, dim3(col_blocks), dim3(THREADS), stream, m, plan.chunks, sums, mu);
+  UNIDD_LAUNCH(pooled_kernel<T>, dim3(col_blocks, ceil_div(f.n, LANES)), dim3(THREADS), stream, m, plan.rows, sums,
+               psum, pooled);
+  UNIDD_LAUNCH(psi_kernel, dim3(col_blocks, f.d), dim3(THREADS), stream, partial, plan.chunks, f.d,
+               1.f / (float(f.n) * float(f.hw)), sums.delta, psi);
   return cudaGetLastError();
 }
 
@@ -243,18 +324,20 @@ int run_backward(const UniddFeatureMap& f, const float* mu, const float* gpsi, c
 }  // namespace
 }  // namespace unidd
 
-extern "C" int unidd_stats_chunks(int n, int d, int hw, int num_sms) {
-  return unidd::plan_chunks(n, d, hw, num_sms).chunks;
+extern "C" int unidd_stats_chunks(int n, int d, int hw) { return unidd::plan_chunks(n, d, hw).chunks; }
+
+extern "C" int64_t unidd_stats_workspace(int n, int d, int hw) {
+  return int64_t(unidd_stats_chunks(n, d, hw)) * (int64_t(d) * d + 3 * d) + d;
 }
 
-extern "C" int unidd_stats_forward(UniddFeatureMap x, int num_sms, float* partial, float* psum, float* psi, float* mu,
+extern "C" int unidd_stats_forward(UniddFeatureMap x, float* partial, float* psum, float* psi, float* mu,
                                    float* pooled, cudaStream_t stream) {
   using namespace unidd;
   if (!valid(x)) return cudaErrorInvalidValue;
   switch (x.dtype) {
-    case UNIDD_F16: return run_forward<half_t>(x, num_sms, partial, psum, psi, mu, pooled, stream);
-    case UNIDD_BF16: return run_forward<bf16_t>(x, num_sms, partial, psum, psi, mu, pooled, stream);
-    default: return run_forward<float>(x, num_sms, partial, psum, psi, mu, pooled, stream);
+    case UNIDD_F16: return run_forward<half_t>(x, partial, psum, psi, mu, pooled, stream);
+    case UNIDD_BF16: return run_forward<bf16_t>(x, partial, psum, psi, mu, pooled, stream);
+    default: return run_forward<float>(x, partial, psum, psi, mu, pooled, stream);
   }
 }
 

@@ -31,13 +31,19 @@ typedef struct {
   int64_t stride_n, stride_c, stride_p;
 } UniddFeatureMap;
 
-// Number of row chunks the forward splits the n*h*w rows into (size of `partial`).
-int unidd_stats_chunks(int n, int d, int hw, int num_sms);
+// Number of row chunks the forward splits the n*h*w rows into: a function of the shape only
+// (not of the GPU), so every sum of the forward has one fixed order.
+int unidd_stats_chunks(int n, int d, int hw);
 
-// psi (d,d) population covariance, mu (d,), pooled (n,d), all fp32.
-// Workspace: partial (chunks*d*d + d floats), psum (n*d floats, zero-filled by the caller).
-int unidd_stats_forward(UniddFeatureMap x, int num_sms, float* partial, float* psum, float* psi,
-                        float* mu, float* pooled, cudaStream_t stream);
+// Floats of the forward's `partial` workspace: chunks*(d*d + 3*d) + d (per-chunk Grams,
+// column sums, first- and last-sample sums, then delta).
+int64_t unidd_stats_workspace(int n, int d, int hw);
+
+// psi (d,d) population covariance, mu (d,), pooled (n,d), all fp32; no atomics.
+// Workspace: partial (unidd_stats_workspace floats), psum (n*d floats, need not be
+// initialised).
+int unidd_stats_forward(UniddFeatureMap x, float* partial, float* psum, float* psi, float* mu,
+                        float* pooled, cudaStream_t stream);
 
 // dx = (1/N)(x - mu)(G + G^T) + gmu/N + gpooled[i]/hw, N = n*h*w, written with x's
 // dtype and strides. gpsi (d,d) is required; gmu (d,) and gpooled (n,d) may be NULL.

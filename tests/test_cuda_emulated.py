@@ -57,6 +57,31 @@ def test_site_stats_forward_backward(K, gen, shape, dtype, memory_format):
     _stats_case(K, gen, shape, dtype, memory_format)
 
 
+@pytest.mark.parametrize("shape", [
+    (3, 5, 23, 29),  # 667 rows a sample: each spans many row chunks (head, middle, tail pieces)
+    (40, 70, 3, 5),  # 15 rows a sample: a chunk holds whole samples inside it, cut ones at its ends
+])
+def test_site_stats_do_not_depend_on_block_order(K, gen, shape):
+    """A GPU runs blocks in no fixed order; the forward must sum in an order of its own.
+    The emulator runs the blocks in grid order and in shuffled orders: the outputs must be
+    the same bits (the former fp32 atomicAdd of the per-sample sums failed this for samples
+    spanning three chunks or more), and match float64."""
+    x = (torch.randn(shape, generator=gen, dtype=torch.float64) * 2 + 3).float()
+    n, d, h, w = shape
+    assert K.stats_chunks(n, d, h * w) >= 8  # enough chunks for the order to matter
+    runs = []
+    try:
+        for seed in (0, 1, 2, 3):
+            K.set_block_order(seed)
+            runs.append(cuda_ops.site_stats_cuda(x, kernels=K))
+    finally:
+        K.set_block_order(0)
+    for run in runs[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(run, runs[0]))
+    for o, r in zip(runs[0], reference.site_stats(x.double())):  # sums of up to 600 fp32 terms
+        torch.testing.assert_close(o.double(), r, rtol=0, atol=5e-6 * r.abs().max().item())
+
+
 def test_site_stats_large_mean_keeps_covariance_accuracy(K, gen):
     """|mu| = 1000 sigma: E[xx^T] - mu mu^T in fp32 would lose every digit; the shifted sums keep them."""
     x = (torch.randn(4, 6, 5, 5, generator=gen, dtype=torch.float64) + 1000).float()
@@ -137,9 +162,8 @@ def test_kernels_write_inside_their_buffers(K, gen):
     x = torch.randn(3, 70, 5, 3, generator=gen).contiguous(memory_format=torch.channels_last)
     xs, lay = cuda_ops.feature_layout(x)
     n, d, hw = lay.n, lay.d, lay.hw
-    chunks = K.stats_chunks(n, d, hw, 4)
-    bufs = [_guarded(torch.zeros(size)) for size in (chunks * d * d + d, n * d, d * d, d, n * d)]
-    K.stats_forward(xs, n, d, hw, lay.stride_n, lay.stride_c, lay.stride_p, 4, *(inner for _, inner in bufs))
+    bufs = [_guarded(torch.zeros(size)) for size in (K.stats_workspace(n, d, hw), n * d, d * d, d, n * d)]
+    K.stats_forward(xs, n, d, hw, lay.stride_n, lay.stride_c, lay.stride_p, *(inner for _, inner in bufs))
     dx = _guarded(torch.zeros(x.numel()))
     dx_view = dx[1].as_strided(x.shape, x.stride())
     g = [_guarded(torch.randn(size, generator=gen)) for size in (d * d, d, n * d)]

@@ -63,8 +63,11 @@ class EmulatedKernels:
     def __init__(self, lib_path: Path | str):
         self.lib = ctypes.CDLL(str(lib_path))
         vp, i = ctypes.c_void_p, ctypes.c_int
-        self.lib.unidd_stats_chunks.argtypes = [i, i, i, i]
-        self.lib.unidd_stats_forward.argtypes = [_FeatureMap, i, vp, vp, vp, vp, vp, vp]
+        self.lib.unidd_stats_chunks.argtypes = [i, i, i]
+        self.lib.unidd_stats_workspace.argtypes = [i, i, i]
+        self.lib.unidd_stats_workspace.restype = ctypes.c_int64
+        self.lib.unidd_stats_forward.argtypes = [_FeatureMap, vp, vp, vp, vp, vp, vp]
+        self.lib.unidd_emu_set_block_order.argtypes = [ctypes.c_uint64]
         self.lib.unidd_stats_backward.argtypes = [_FeatureMap, vp, vp, vp, vp, vp, vp]
         self.lib.unidd_inverse.argtypes = [ctypes.POINTER(_InvGroup), i, vp, vp, vp, vp]
         self.INVERSE_TILE = self.lib.unidd_inverse_tile()
@@ -79,11 +82,20 @@ class EmulatedKernels:
     def _map(x, n, d, hw, sn, sc, sp) -> _FeatureMap:
         return _FeatureMap(x.data_ptr(), _DTYPE_CODES[x.dtype], n, d, hw, sn, sc, sp)
 
-    def stats_chunks(self, n, d, hw, num_sms) -> int:
-        return self.lib.unidd_stats_chunks(n, d, hw, num_sms)
+    def set_block_order(self, seed: int) -> None:
+        """Run the blocks of later launches in grid order (0) or in an order shuffled by ``seed``
+        (a GPU schedules blocks in no fixed order: a result that changes with the seed would
+        change from run to run there)."""
+        self.lib.unidd_emu_set_block_order(seed)
 
-    def stats_forward(self, x, n, d, hw, sn, sc, sp, num_sms, partial, psum, psi, mu, pooled) -> None:
-        self._check(self.lib.unidd_stats_forward(self._map(x, n, d, hw, sn, sc, sp), num_sms, _ptr(partial),
+    def stats_chunks(self, n, d, hw) -> int:
+        return self.lib.unidd_stats_chunks(n, d, hw)
+
+    def stats_workspace(self, n, d, hw) -> int:
+        return self.lib.unidd_stats_workspace(n, d, hw)
+
+    def stats_forward(self, x, n, d, hw, sn, sc, sp, partial, psum, psi, mu, pooled) -> None:
+        self._check(self.lib.unidd_stats_forward(self._map(x, n, d, hw, sn, sc, sp), _ptr(partial),
                                                  _ptr(psum), _ptr(psi), _ptr(mu), _ptr(pooled), None),
                     "stats_forward")
 

@@ -14,7 +14,6 @@ the kernels would silently lose precision.
 """
 from __future__ import annotations
 
-import functools
 import importlib
 from dataclasses import dataclass
 from typing import Sequence
@@ -45,17 +44,6 @@ def _kernels_for(tensor: torch.Tensor, kernels):
         raise ConfigError(f"the CUDA kernels run on {kernels.device_type} tensors, got a tensor on {tensor.device}; "
                           "move it with .cuda() or use backend='torch'")
     return kernels
-
-
-@functools.lru_cache(maxsize=None)
-def _sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
-def num_sms(device: torch.device) -> int:
-    """Streaming multiprocessors of ``device`` (sizes the grids); 4 for the CPU emulation."""
-    return _sm_count(device.index if device.index is not None else torch.cuda.current_device()) \
-        if device.type == "cuda" else 4
 
 
 # ---- site statistics ----------------------------------------------------------------
@@ -103,12 +91,11 @@ def stats_forward(x: torch.Tensor, layout: FeatureLayout, kernels):
     """Launch the forward on ``x`` read through ``layout``: psi (d,d), mu (d,), pooled (n,d) fp32."""
     n, d = layout.n, layout.d
     f32 = dict(dtype=torch.float32, device=x.device)
-    chunks = kernels.stats_chunks(n, d, layout.hw, num_sms(x.device))
-    partial = torch.empty(chunks * d * d + d, **f32)  # per-chunk shifted Grams, then delta
-    psum = torch.zeros(n, d, **f32)
+    partial = torch.empty(kernels.stats_workspace(n, d, layout.hw), **f32)  # per-chunk sums (csrc/unidd_cuda.h)
+    psum = torch.empty(n, d, **f32)
     psi, mu, pooled = torch.empty(d, d, **f32), torch.empty(d, **f32), torch.empty(n, d, **f32)
     kernels.stats_forward(x, layout.n, layout.d, layout.hw, layout.stride_n, layout.stride_c, layout.stride_p,
-                          num_sms(x.device), partial, psum, psi, mu, pooled)
+                          partial, psum, psi, mu, pooled)
     return psi, mu, pooled
 
 
