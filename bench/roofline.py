@@ -54,7 +54,7 @@ def site_stats_fwd(n, d, h, w, dtype):
     bd = block_d(d)
     nb = math.ceil(d / bd)
     pairs = nb * (nb + 1) // 2
-    chunks = num_chunks(n, d, n * h * w, ELEM[dtype], SMS)
+    chunks = num_chunks(n, d, n * h * w, ELEM[dtype])
     rows_padded = n * math.ceil(h * w / BLOCK_R) * BLOCK_R
     flops = 2 * rows_padded * bd * bd * pairs * (3 if dtype == "fp32" else 1)
     nbytes = n * h * w * d * ELEM[dtype] + 2 * chunks * d * d * 4 + n * d * 4 + d * d * 4

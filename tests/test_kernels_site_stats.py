@@ -115,3 +115,33 @@ def test_bad_input_raises(gen):
         site_stats(torch.ones(2, 3, 4, 4, dtype=torch.int32))
     with pytest.raises(ValueError, match="empty"):
         site_stats(torch.randn(0, 3, 4, 4, generator=gen))
+
+
+@pytest.mark.parametrize("chunks", [2, 3, 7, 11])
+def test_two_level_chunk_sum_matches_float64(chunks, gen):
+    """The chunk partials are summed in groups of ⌈√chunks⌉ (reduce kernel), then the group
+    sums (finalize): float64 stays exact for every grouping, a partial last group included."""
+    feat = features((11, 70, 2, 3), gen)
+    for g, w in zip(site_stats(feat, chunks=chunks), reference.site_stats(feat)):
+        torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-12)
+    got = site_stats(feat.float(), chunks=chunks)
+    for g, w in zip(got, reference.site_stats(feat.float().double())):
+        assert rel(g, w) < 1e-6
+
+
+def test_no_program_sums_more_than_about_sqrt_chunks_partials():
+    """The finalize used to add every chunk's partial in one program per tile (264 of them
+    for d = 64 on an H100): now the reduce kernel's programs and the finalize each add at
+    most ⌈√chunks⌉, and the plan does not depend on the GPU."""
+    from unidd_fast.kernels.triton.launch import recording
+    from unidd_fast.kernels.triton.site_stats import num_chunks, site_stats_forward
+
+    n, d = 500, 64
+    assert num_chunks(n, d, n * 56 * 56, 4) == 264  # two samples per chunk: 250 chunks
+    with recording() as launches:
+        site_stats_forward(torch.empty(n, d, 56, 56), 264)
+    by_name = {kernel.fn.__name__: (grid, args) for kernel, grid, args, _ in launches}
+    grid, (_, chunks, group, _) = by_name["_site_stats_reduce_kernel"]
+    assert chunks == 250 and group == 16 and grid[0] == 16  # 16 groups of <= 16 chunks
+    _, args = by_name["_site_stats_finalize_kernel"]
+    assert args[4:6] == (chunks, group)  # reads every 16th row: the 16 group sums

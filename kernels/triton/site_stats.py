@@ -5,14 +5,21 @@ place, NCHW or channels_last (any layout whose h and w merge into one spatial st
 fp32/fp16/bf16 (accumulated in fp32) or fp64 (accumulated in fp64). Nothing of size
 (n·h·w, d) is materialised.
 
-Forward, two launches:
+Forward, two or three launches, no atomics:
   1. ``_site_stats_fwd_kernel``, grid (chunks, nb, nb) over sample chunks and d-blocks
      I ≤ J: the shifted Gram Σ (x − K)_I (x − K)_Jᵀ of its chunk by ``tl.dot``, the
-     shifted per-sample sums (→ pooled) and the chunk's shifted column sums. The shift K is
-     the first row of the map (a data point, so |μ − K| is of the order of σ and
-     Σ(x−K)(x−K)ᵀ/N − (μ−K)(μ−K)ᵀ does not cancel catastrophically even when |μ| ≫ σ).
-  2. ``_site_stats_finalize_kernel``, grid (nb, nb): sums the chunk partials,
+     shifted per-sample sums (→ pooled) and the chunk's shifted column sums, into row
+     ``chunk`` of the workspace (chunks, d² + d). The shift K is the first row of the map
+     (a data point, so |μ − K| is of the order of σ and Σ(x−K)(x−K)ᵀ/N − (μ−K)(μ−K)ᵀ does
+     not cancel catastrophically even when |μ| ≫ σ).
+  2. ``_site_stats_reduce_kernel``, grid (groups, element blocks), when there are ≥ 2
+     groups of G = ⌈√chunks⌉ consecutive chunks: each group's sum, in chunk order, into
+     the group's first row.
+  3. ``_site_stats_finalize_kernel``, grid (nb, nb): sums the group rows in order,
      Ψ = S/N − m mᵀ with m = μ − K, μ = K + m.
+Every sum has one order, fixed by the shape (``num_chunks`` does not look at the GPU), so
+the outputs are the same bits from run to run on one GPU model and software build
+(docs/cuda.md#reproducibility).
 Backward, one launch (``_site_stats_bwd_kernel``, grid (n, hw-blocks, nb)):
   dX = (X − μ) S + dμ/N + dpooled[sample]/(h·w) with S = (G + Gᵀ)/N formed once on the
   host side (one d×d op), in the layout and dtype of X.
@@ -20,6 +27,7 @@ Backward, one launch (``_site_stats_bwd_kernel``, grid (n, hw-blocks, nb)):
 from __future__ import annotations
 
 import functools
+import math
 
 import torch
 import triton
@@ -58,7 +66,7 @@ def config(dtype: torch.dtype, d: int) -> dict:
 
 
 @triton.jit
-def _site_stats_fwd_kernel(x_ptr, part_ptr, colsum_ptr, pooled_ptr,
+def _site_stats_fwd_kernel(x_ptr, part_ptr, pooled_ptr,
                            n, d, HW, stride_n, stride_c, stride_p, samples_per_chunk,
                            BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr,
                            DOT_PRECISION: tl.constexpr):
@@ -95,18 +103,31 @@ def _site_stats_fwd_kernel(x_ptr, part_ptr, colsum_ptr, pooled_ptr,
         if bi == bj:
             tl.store(pooled_ptr + s * d + ci, shift_i + psum / HW, mask=mi)
         colsum += psum
-    part = part_ptr + chunk.to(tl.int64) * d * d
+    part = part_ptr + chunk.to(tl.int64) * (d * d + d)  # this chunk's Gram, then its column sums
     mask = mi[:, None] & mj[None, :]
     tl.store(part + ci[:, None] * d + cj[None, :], gram, mask=mask)
     if bi == bj:
-        tl.store(colsum_ptr + chunk * d + ci, colsum, mask=mi)
+        tl.store(part + d * d + ci, colsum, mask=mi)
     else:
         tl.store(part + cj[None, :] * d + ci[:, None], gram, mask=mask)
 
 
 @triton.jit
-def _site_stats_finalize_kernel(x_ptr, part_ptr, colsum_ptr, psi_ptr, mu_ptr,
-                                chunks, d, N, stride_c,
+def _site_stats_reduce_kernel(part_ptr, chunks, group, width, BLOCK_E: tl.constexpr):
+    """Rows [g·group, (g+1)·group) of part (chunks, width), added in row order, into row g·group."""
+    first = tl.program_id(0) * group
+    e = tl.program_id(1) * BLOCK_E + tl.arange(0, BLOCK_E)
+    mask = e < width
+    row = part_ptr + first.to(tl.int64) * width + e
+    acc = tl.load(row, mask=mask, other=0)
+    for c in range(first + 1, tl.minimum(first + group, chunks)):
+        acc += tl.load(part_ptr + tl.cast(c, tl.int64) * width + e, mask=mask, other=0)
+    tl.store(row, acc, mask=mask)
+
+
+@triton.jit
+def _site_stats_finalize_kernel(x_ptr, part_ptr, psi_ptr, mu_ptr,
+                                chunks, step, d, N, stride_c,
                                 BLOCK_D: tl.constexpr, ACC: tl.constexpr):
     bi = tl.program_id(0)
     bj = tl.program_id(1)
@@ -118,10 +139,11 @@ def _site_stats_finalize_kernel(x_ptr, part_ptr, colsum_ptr, psi_ptr, mu_ptr,
     gram = tl.zeros((BLOCK_D, BLOCK_D), dtype=ACC)
     m_i = tl.zeros((BLOCK_D,), dtype=ACC)
     m_j = tl.zeros((BLOCK_D,), dtype=ACC)
-    for c in range(0, chunks):
-        gram += tl.load(part_ptr + c * d * d + ci[:, None] * d + cj[None, :], mask=mask, other=0)
-        m_i += tl.load(colsum_ptr + c * d + ci, mask=mi, other=0)
-        m_j += tl.load(colsum_ptr + c * d + cj, mask=mj, other=0)
+    for c in range(0, chunks, step):  # the rows the reduce kernel left the group sums in
+        part = part_ptr + tl.cast(c, tl.int64) * (d * d + d)
+        gram += tl.load(part + ci[:, None] * d + cj[None, :], mask=mask, other=0)
+        m_i += tl.load(part + d * d + ci, mask=mi, other=0)
+        m_j += tl.load(part + d * d + cj, mask=mj, other=0)
     m_i = m_i / N
     m_j = m_j / N
     psi = gram / N - m_i[:, None] * m_j[None, :]
@@ -159,18 +181,26 @@ def _site_stats_bwd_kernel(x_ptr, mu_ptr, g_ptr, dmu_ptr, dpooled_ptr, dx_ptr,
     tl.store(out, dx.to(dx_ptr.dtype.element_ty), mask=mr[:, None] & mj[None, :])
 
 
-@functools.lru_cache(maxsize=None)
-def _sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
+# The chunk plan targets a GPU of this many SMs whatever the GPU (an H100 SXM's count): a
+# plan that followed the SM count would change the order of the sums, and so the last bits
+# of the statistics, from one GPU model to another.
+PLAN_SMS = 132
+REDUCE_BLOCK = 1024  # elements of the workspace rows per program of the reduce kernel
 
 
-def num_chunks(n: int, d: int, rows: int, elem_size: int, sm_count: int) -> int:
-    """Sample chunks of the forward grid on a GPU with ``sm_count`` SMs: about two waves of
-    programs over the tile pairs, but no more partial Grams (chunks·d² fp32, written and
-    read back) than the map's own bytes, and at most one chunk per sample."""
+def num_chunks(n: int, d: int, rows: int, elem_size: int) -> int:
+    """Sample chunks of the forward grid: about two waves of programs over the tile pairs
+    on a PLAN_SMS GPU, but no more partial Grams (chunks·d² fp32, written and read back)
+    than the map's own bytes, and at most one chunk per sample. A function of the shape only."""
     nb = triton.cdiv(d, block_d(d))
     pairs = nb * (nb + 1) // 2
-    return max(1, min(n, triton.cdiv(2 * sm_count, pairs), rows * elem_size // (8 * d)))
+    return max(1, min(n, triton.cdiv(2 * PLAN_SMS, pairs), rows * elem_size // (8 * d)))
+
+
+def reduce_group(chunks: int) -> int:
+    """Chunks per group of the two-level chunk sum, ⌈√chunks⌉: no program adds more than
+    about √chunks partials (chunks ≤ 2 make one group: the finalize sums them alone)."""
+    return math.isqrt(chunks - 1) + 1 if chunks > 1 else 1
 
 
 def _spatial_strides(feat: torch.Tensor) -> torch.Tensor:
@@ -199,20 +229,23 @@ def site_stats_forward(feat: torch.Tensor, chunks: int | None = None):
     cfg = config(feat.dtype, d)
     nb = triton.cdiv(d, cfg["BLOCK_D"])
     if chunks is None:  # one in the interpreter, where every program instance costs time
-        chunks = (num_chunks(n, d, n * HW, feat.element_size(), _sm_count(feat.device.index or 0))
-                  if feat.device.type == "cuda" else 1)
+        chunks = num_chunks(n, d, n * HW, feat.element_size()) if feat.device.type == "cuda" else 1
     per_chunk = triton.cdiv(n, chunks)
     chunks = triton.cdiv(n, per_chunk)
     dt = acc_dtype(feat.dtype)
-    part = torch.empty((chunks, d, d), dtype=dt, device=feat.device)
-    colsum = torch.empty((chunks, d), dtype=dt, device=feat.device)
+    part = torch.empty((chunks, d * d + d), dtype=dt, device=feat.device)  # per chunk: Gram, column sums
     pooled = torch.empty((n, d), dtype=dt, device=feat.device)
     psi = torch.empty((d, d), dtype=dt, device=feat.device)
     mu = torch.empty((d,), dtype=dt, device=feat.device)
     sn, sc, _, sp = feat.stride()
-    launch(_site_stats_fwd_kernel, (chunks, nb, nb), feat, part, colsum, pooled, n, d, HW, sn, sc, sp, per_chunk,
+    launch(_site_stats_fwd_kernel, (chunks, nb, nb), feat, part, pooled, n, d, HW, sn, sc, sp, per_chunk,
            num_warps=NUM_WARPS, **cfg)
-    launch(_site_stats_finalize_kernel, (nb, nb), feat, part, colsum, psi, mu, chunks, d, n * HW, sc,
+    group, step = reduce_group(chunks), 1
+    if group < chunks:
+        launch(_site_stats_reduce_kernel, (triton.cdiv(chunks, group), triton.cdiv(d * d + d, REDUCE_BLOCK)),
+               part, chunks, group, d * d + d, BLOCK_E=REDUCE_BLOCK, num_warps=NUM_WARPS)
+        step = group
+    launch(_site_stats_finalize_kernel, (nb, nb), feat, part, psi, mu, chunks, step, d, n * HW, sc,
            BLOCK_D=cfg["BLOCK_D"], ACC=cfg["ACC"], num_warps=NUM_WARPS)
     return psi, mu, pooled
 
