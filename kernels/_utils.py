@@ -2,6 +2,7 @@
 the Cholesky status check, the regularised inverse's backward, and where the sources live."""
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -48,10 +49,36 @@ def needs_float64(A: torch.Tensor, beta) -> bool:
     return not bound + b <= FP32_MAX_CONDITION * b  # NaN/Inf: float64 too (the check names it)
 
 
+# While a CUDA graph is captured, check_cholesky_info cannot raise (it would read info on the
+# host); a graph-safe caller installs device buffers here instead, keyed by the names of the
+# matrices it factorises together, and the check records into them (collect_cholesky_failures).
+_failure_buffers: dict[tuple[str, ...], torch.Tensor] | None = None
+
+
+@contextlib.contextmanager
+def collect_cholesky_failures(buffers: dict[tuple[str, ...], torch.Tensor]):
+    """Inside the block, a factorisation of matrices named ``names`` under CUDA-graph capture
+    records its info into ``buffers[tuple(names)]`` ((k,) int32 on the device, k matrices:
+    0, or the 1-based column of the first failed pivot, the first failure kept) with device
+    operations only, so that every replay of the graph records again. The caller reads the
+    buffers outside the graph."""
+    global _failure_buffers
+    previous, _failure_buffers = _failure_buffers, buffers
+    try:
+        yield
+    finally:
+        _failure_buffers = previous
+
+
 def check_cholesky_info(info: torch.Tensor, beta, names=None) -> None:
-    """Raise NotPositiveDefiniteError if any factorisation failed (skipped under CUDA-graph
-    capture, where the check would need a host synchronisation)."""
+    """Raise NotPositiveDefiniteError if any factorisation failed. Under CUDA-graph capture
+    (no host synchronisation allowed) record ``info`` into the buffer that
+    ``collect_cholesky_failures`` holds for ``names`` instead, if any."""
     if capturing(info):
+        buffer = None if _failure_buffers is None or names is None else _failure_buffers.get(tuple(names))
+        if buffer is not None:
+            info = info.reshape(buffer.shape).to(buffer.dtype)
+            buffer.copy_(torch.where(buffer == 0, info, buffer))
         return
     bad = torch.nonzero(info.reshape(-1)).flatten().tolist()
     if bad:

@@ -7,11 +7,14 @@ from torch import nn
 from unidd_fast import CFMLoss, collect_real_stats
 from unidd_fast.cli import main
 from unidd_fast.errors import NonFiniteError, NotPositiveDefiniteError
+from unidd_fast.kernels import _utils as kernel_utils
+from unidd_fast.kernels import composite, registry
 from unidd_fast.pipeline.augment import Augment
 from unidd_fast.pipeline.config import RecoverConfig
 from unidd_fast.pipeline.datasets import Batches, TensorImages
 from unidd_fast.pipeline.models import build_model, load_teacher, save_teacher
 from unidd_fast.pipeline.recover import pixel_bounds, plan_class_batches, recover_class_batch, recover_set
+from unidd_fast.pipeline.step import RecoverEngine, raise_if_not_finite
 from unidd_fast.pipeline.train import fit
 from unidd_fast.regularizer import Regularizer
 
@@ -157,3 +160,59 @@ def test_stats_stage_names_the_site_of_a_nan_teacher(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "stats: NaN/Inf in the input of site 'features.1' at batch 0" in err
     assert not (tmp_path / "st_bad" / "stats.safetensors").exists()
+
+
+class IndefiniteFrom:
+    """The torch inverse, but from its ``at``-th call on the first matrix of each call is
+    shifted by −(‖A‖ + β + 1)·I: a real not-positive-definite matrix for the real check."""
+
+    def __init__(self, at):
+        self.at, self.calls = at, 0
+
+    def __call__(self, A, beta, check=True, names=None):
+        self.calls += 1
+        if self.calls >= self.at:
+            A = A.clone()
+            A[0] -= (float(A[0].norm()) + float(beta) + 1) * torch.eye(A.shape[-1], dtype=A.dtype)
+        return composite.regularized_inverse(A, beta, check=check, names=names)
+
+
+indefinite_inverse = IndefiniteFrom(2)
+
+
+@pytest.mark.parametrize("faked_capture", [False, True])
+def test_not_positive_definite_under_graph_capture_is_named_not_a_nan_loss(gen, monkeypatch, faked_capture):
+    """Under CUDA-graph capture the factorisation cannot raise (no host read): its info goes
+    to the regulariser's device-side status, which the engine reads with the finite flags.
+    Capture is faked on the CPU (``capturing`` says yes, as in test_pipeline_step); the
+    error names the iteration, the site and β_t, not 'NaN loss, lower recover.lr'."""
+    monkeypatch.setattr(indefinite_inverse, "calls", 0)
+    monkeypatch.setitem(registry.BACKENDS, "indefinite", registry.Backend(
+        "indefinite", lambda: True, "", lambda device: True, "",
+        {"site_stats": (".composite", "site_stats"), "site_stats_grad": (".composite", "site_stats_grad"),
+         "regularized_inverse": (__name__, "indefinite_inverse")}))
+    model = _teacher(gen)
+    cfm = _cfm(model, gen)
+    cfm.backend = "indefinite"
+    engine = RecoverEngine(model, cfm, RecoverConfig(iterations=3, lr=0.05), IDENTITY, gen, LO, HI, graph_safe=True,
+                           check_every=3)
+    if faked_capture:
+        monkeypatch.setattr(kernel_utils, "capturing", lambda t: True)
+    with pytest.raises(NotPositiveDefiniteError) as info:
+        engine.run(torch.randn(3, 2, 8, 8, generator=gen), torch.tensor([0, 1, 2]))
+    cfm.remove()
+    message = str(info.value)
+    assert message.startswith("iteration 2/3: (Ψ + βI)") and "features.1" in message
+    assert "β_t = 0.1" in message if faked_capture else "β = 0.1" in message
+    assert "raise beta" in message and "recover.lr" not in message
+
+
+def test_a_failed_factorisation_is_named_before_the_nan_it_caused():
+    finite = torch.ones(4, 3, dtype=torch.bool)
+    finite[2:, 0] = False  # NaN loss from iteration 3 on ...
+    finite[2, 2] = False   # ... because the factorisation failed there
+    with pytest.raises(NotPositiveDefiniteError, match=r"^iteration 3/9: site X$"):
+        raise_if_not_finite(finite, 9, lambda: "site X")
+    finite[2, 2] = True
+    with pytest.raises(NonFiniteError, match=r"^iteration 3/9: the loss"):
+        raise_if_not_finite(finite, 9, lambda: "site X")

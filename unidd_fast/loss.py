@@ -7,12 +7,15 @@ float64 eigendecomposition and cached per β, so it costs nothing while β is co
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import nn
 
 from .emu import EMU, Batch
 from .errors import ConfigError, NonFiniteError, StatsMismatchError
 from .filters import LOSS_FILTERS, RENAMED_FILTERS
+from .kernels._utils import collect_cholesky_failures
 from .ops import flc, site_stats
 from .real_stats import RealStats
 from .regularizer import Regularizer
@@ -162,16 +165,38 @@ class CFMLoss(Regularizer):
         class-batch index b live in 0-d float64 device tensors, the real side and the EMU means
         in device buffers, all updated in place by ``set_curriculum`` / ``next_batch`` (outside
         the graph); the EMU blend runs at every b (``EMU.blend``), and the per-step finite
-        check (a host sync) is off: the caller checks the loss instead. Call before the first
-        ``cfm(targets)`` of the run."""
+        check (a host sync) is off: the caller checks the loss instead, and the Cholesky
+        status of every site, which a captured factorisation records on the device
+        (``factorisation_status``). Call before the first ``cfm(targets)`` of the run."""
         if self.graph_safe:
             return
+        order = [n for group in self.groups.values() for n in group]
+        self._status = torch.zeros(len(order), dtype=torch.int32, device=self.device)
+        self._status_names = order
+        self._status_views, start = {}, 0
+        for group in self.groups.values():
+            self._status_views[tuple(group)] = self._status[start:start + len(group)]
+            start += len(group)
         self._beta_dev = torch.tensor(float(self.beta_t), dtype=torch.float64, device=self.device)
         self.emu.make_graph_safe(self.device)
         self._filter_pair = self._filters(self._beta_dev)
         self._static_real: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
         self.check_finite = False
         self.graph_safe = True
+
+    def factorisation_status(self) -> torch.Tensor | None:
+        """Graph-safe mode: (sites,) int32 on the device, per site 0 or the 1-based column of
+        the first failed pivot of (Ψ_s + β_t I)'s Cholesky factorisation under CUDA-graph
+        capture since the caller last zeroed it (``zero_()``, outside the graph); None otherwise
+        (eager factorisations raise NotPositiveDefiniteError themselves)."""
+        return self._status if self.graph_safe else None
+
+    def factorisation_failure(self) -> str:
+        """The failed sites of ``factorisation_status()`` as an error message (one host read)."""
+        bad = [f"{name} (pivot {int(col)})" for name, col in zip(self._status_names, self._status.tolist()) if col]
+        return (f"(Ψ + βI) of the synthetic batch is not positive definite at site(s) {bad} with "
+                f"β_t = {float(self.beta_t):g}: β_t is too small for the rounding error of Ψ (or Ψ holds "
+                "NaN/Inf); raise beta / beta_min (--set recover.beta=... / recover.beta_min=...)")
 
     def batch_statistics(self) -> Batch:
         """The detached statistics {width d: (Ψ (k,d,d), signal (k,d,c))} of the last
@@ -236,14 +261,16 @@ class CFMLoss(Regularizer):
             self._raise_if_not_finite(batch)
         f_filter, f_signal = self._filter_pair if self.graph_safe else self._filters()
         norms = {}
-        for d, group in self.groups.items():
-            psi_b, sig_b = batch[d]
-            if self.use_emu:
-                psi_b, sig_b = self.emu.blend(d, psi_b, sig_b)
-            real_side = self._static_real_side if self.graph_safe else self._real_side
-            F_real, T_real = real_side(d, psi_b.dtype)
-            fn, sn = filtered_norms(F_real, T_real, psi_b, sig_b, f_filter, f_signal, group, self.backend)
-            norms[d] = (fn, sn * self.signal_weight if self.signal_weight != 1.0 else sn)
+        failures = collect_cholesky_failures(self._status_views) if self.graph_safe else contextlib.nullcontext()
+        with failures:  # graph-safe: a captured factorisation records its status on the device
+            for d, group in self.groups.items():
+                psi_b, sig_b = batch[d]
+                if self.use_emu:
+                    psi_b, sig_b = self.emu.blend(d, psi_b, sig_b)
+                real_side = self._static_real_side if self.graph_safe else self._real_side
+                F_real, T_real = real_side(d, psi_b.dtype)
+                fn, sn = filtered_norms(F_real, T_real, psi_b, sig_b, f_filter, f_signal, group, self.backend)
+                norms[d] = (fn, sn * self.signal_weight if self.signal_weight != 1.0 else sn)
         self.step += 1
         return norms
 

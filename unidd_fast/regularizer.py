@@ -39,6 +39,15 @@ class Regularizer(Protocol):
     def set_graph_outputs(self, outputs: dict) -> None:
         """Hand ``graph_outputs()`` of a captured call back after replaying its graph."""
 
+    def factorisation_status(self) -> torch.Tensor | None:
+        """Graph-safe mode: a device tensor, all 0 while every factorisation the captured
+        calls made succeeded (the caller zeroes it, outside the graph); None when there is none."""
+        return None
+
+    def factorisation_failure(self) -> str:
+        """What failed, for an error message, once ``factorisation_status()`` is not all 0."""
+        return "a factorisation failed"
+
     def state_dict(self) -> dict[str, torch.Tensor]:
         """The run state a resumed run needs (checkpointed after every class-batch)."""
         return {}

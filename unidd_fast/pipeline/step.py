@@ -5,7 +5,8 @@
 - ``RecoverEngine``: whole class-batches (paper Algorithm 1's inner loop): fresh Adam state
   and a cosine learning rate over ``rc.iterations`` steps. Every per-step quantity lives on
   the device, in one set of buffers per class-batch shape (images, Adam moments and step,
-  learning rate, iteration counter, per-step finite flags), so the step reads nothing from
+  learning rate, iteration counter, per-step flags: loss finite, images finite, every
+  Cholesky factorisation of the regulariser succeeded), so the step reads nothing from
   the host. With CUDA graphs the step is captured once per shape and replayed; without, the
   same function runs eagerly (the CPU path, and how the tests exercise it).
 
@@ -101,12 +102,18 @@ def recover_step(images: torch.Tensor, targets: torch.Tensor, model: nn.Module, 
     return ce.detach(), reg.detach()
 
 
-def raise_if_not_finite(finite: torch.Tensor, iterations: int) -> None:
-    """finite (steps, 2): per step, (loss finite, images finite after the update)."""
+def raise_if_not_finite(finite: torch.Tensor, iterations: int, factorisation_failure=None) -> None:
+    """finite (steps, 3): per step, (loss finite, images finite after the update, the
+    regulariser's factorisations succeeded). The first failing step is named, with the
+    failed factorisation first (it is what makes the loss NaN or wrong): then
+    NotPositiveDefiniteError with ``factorisation_failure()``, the regulariser's description."""
     if bool(finite.all()):
         return
-    it, column = (int(v) for v in torch.nonzero(~finite)[0])
-    what = ("the loss (cross-entropy + regulariser) is NaN/Inf" if column == 0 else
+    it = int(torch.nonzero(~finite.all(1))[0])
+    ok = finite[it].tolist()
+    if not ok[2]:
+        raise NotPositiveDefiniteError(f"iteration {it + 1}/{iterations}: {factorisation_failure()}")
+    what = ("the loss (cross-entropy + regulariser) is NaN/Inf" if not ok[0] else
             "the synthetic images became NaN/Inf in the update")
     raise NonFiniteError(f"iteration {it + 1}/{iterations}: {what}; lower recover.lr (--set recover.lr=...) or "
                          "check the teacher and the statistics")
@@ -123,7 +130,7 @@ class _Slot:
                                      dtype=torch.float32, device=device)
         self.lr = self.schedule[0].clone()
         self.it = torch.zeros((), dtype=torch.long, device=device)
-        self.finite = torch.ones(iterations, 2, dtype=torch.bool, device=device)
+        self.finite = torch.ones(iterations, 3, dtype=torch.bool, device=device)
         self.optimizer = torch.optim.Adam([self.images], lr=self.lr, betas=tuple(rc.betas), capturable=capturable)
         self.graph = None
         self.out = None
@@ -183,10 +190,22 @@ class RecoverEngine:
         ce, reg = recover_step(slot.images, slot.targets, self.forward, self.regularizer, slot.optimizer,
                                self.augment, self.generator, self.lo, self.hi, self.options.precision)
         with torch.no_grad():
-            flags = torch.stack([torch.isfinite(ce) & torch.isfinite(reg), torch.isfinite(slot.images).all()])
-            slot.finite.index_copy_(0, slot.it.view(1), flags.view(1, 2))
+            status = self._status()
+            factored = (status == 0).all() if status is not None else torch.ones((), dtype=torch.bool, device=ce.device)
+            flags = torch.stack([torch.isfinite(ce) & torch.isfinite(reg), torch.isfinite(slot.images).all(), factored])
+            slot.finite.index_copy_(0, slot.it.view(1), flags.view(1, 3))
             slot.it += 1
         return ce, reg
+
+    def _status(self) -> torch.Tensor | None:
+        return self.regularizer.factorisation_status() if self.regularizer is not None else None
+
+    def _reset(self, slot: _Slot, init: torch.Tensor, targets: torch.Tensor) -> None:
+        """Start a class-batch: the slot's buffers and the regulariser's factorisation status."""
+        slot.reset(init, targets)
+        status = self._status()
+        if status is not None:
+            status.zero_()
 
     def _capture(self, slot: _Slot, init: torch.Tensor, targets: torch.Tensor) -> None:
         """Warm up on a side stream, undo the warm-up's effects, capture one iteration."""
@@ -198,7 +217,7 @@ class RecoverEngine:
             for _ in range(min(WARMUP_STEPS, self.rc.iterations)):
                 self._iteration(slot)
         torch.cuda.current_stream(self.device).wait_stream(stream)
-        slot.reset(init, targets)
+        self._reset(slot, init, targets)
         if generator is not None:
             generator.set_state(rng)
         else:
@@ -226,7 +245,7 @@ class RecoverEngine:
             slot = self._slots[key] = _Slot(key, self.rc, self.device, self.memory_format,
                                             self.options.capturable or self.options.cuda_graphs)
         init, targets = init.to(self.device), targets.to(self.device)
-        slot.reset(init, targets)
+        self._reset(slot, init, targets)
         with annotate("recover/class-batch"):
             if self.options.cuda_graphs and slot.graph is None:
                 self._capture(slot, init, targets)
@@ -239,7 +258,8 @@ class RecoverEngine:
                     except (NonFiniteError, NotPositiveDefiniteError) as exc:
                         raise type(exc)(f"iteration {it + 1}/{T}: {exc}") from exc
                 if (it + 1) % self.check_every == 0 or it + 1 == T:
-                    raise_if_not_finite(slot.finite[: it + 1], T)
+                    raise_if_not_finite(slot.finite[: it + 1], T, None if self.regularizer is None else
+                                        self.regularizer.factorisation_failure)
             if slot.graph is not None and slot.reg_outputs is not None:
                 # the replays refreshed the captured statistics; point the regulariser at this
                 # shape's (another shape's graph may have been captured or replayed since)
