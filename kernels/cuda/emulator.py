@@ -26,6 +26,7 @@ def build_emulator(out_dir: Path | str, csrc: Path | str | None = None) -> Path:
     lib = Path(out_dir) / f"libunidd_emu_{digest}.so"
     if lib.exists():
         return lib
+    lib.parent.mkdir(parents=True, exist_ok=True)
     gxx = shutil.which("g++")
     if gxx is None:
         raise RuntimeError("g++ not found: the CPU emulation of the CUDA kernels needs a C++17 compiler")
