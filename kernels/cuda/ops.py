@@ -261,7 +261,8 @@ def regularized_inverse_cuda(A, beta, names=None, check: bool = True, kernels=No
     the device: a CUDA graph can capture the call and replay it for any β). ``names``
     label the matrices, in input order, in the NotPositiveDefiniteError raised when a
     factorisation fails (eager mode only: under graph capture the check would need a host
-    synchronisation, and the failed matrix's inverse is all NaN instead). float64 input is
+    synchronisation; the failed matrix's inverse is all NaN and ``info`` goes to the buffers of
+    ``_utils.collect_cholesky_failures``, if installed). float64 input is
     refused (the registry gives it to the torch backend).
     """
     many = isinstance(A, (list, tuple))
