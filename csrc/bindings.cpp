@@ -41,8 +41,7 @@ UniddFeatureMap feature_map(const at::Tensor& x, int64_t n, int64_t d, int64_t h
 }
 
 void stats_forward(const at::Tensor& x, int64_t n, int64_t d, int64_t hw, int64_t sn, int64_t sc, int64_t sp,
-                   at::Tensor partial, at::Tensor psum, at::Tensor psi, at::Tensor mu,
-                   at::Tensor pooled) {
+                   at::Tensor partial, at::Tensor psum, at::Tensor psi, at::Tensor mu, at::Tensor pooled) {
   const UniddFeatureMap f = feature_map(x, n, d, hw, sn, sc, sp);
   const c10::cuda::CUDAGuard guard(x.device());
   check_buffer(partial, "partial", at::kFloat, x);
@@ -50,8 +49,8 @@ void stats_forward(const at::Tensor& x, int64_t n, int64_t d, int64_t hw, int64_
   check_buffer(psi, "psi", at::kFloat, x);
   check_buffer(mu, "mu", at::kFloat, x);
   check_buffer(pooled, "pooled", at::kFloat, x);
-  TORCH_CHECK(partial.numel() >= unidd_stats_workspace(f.n, f.d, f.hw) && psum.numel() >= n * d && psi.numel() >= d * d &&
-                  mu.numel() >= d && pooled.numel() >= n * d,
+  TORCH_CHECK(partial.numel() >= unidd_stats_workspace(f.n, f.d, f.hw) && psum.numel() >= n * d &&
+                  psi.numel() >= d * d && mu.numel() >= d && pooled.numel() >= n * d,
               "stats_forward: a buffer is too small");
   check(unidd_stats_forward(f, partial.data_ptr<float>(), psum.data_ptr<float>(), psi.data_ptr<float>(),
                             mu.data_ptr<float>(), pooled.data_ptr<float>(), at::cuda::getCurrentCUDAStream()),

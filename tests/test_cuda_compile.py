@@ -9,7 +9,8 @@ from unidd_fast.kernels.cuda import nvcc as cuda_build
 
 ARCHES = ("sm_90a", "sm_80")
 KERNELS = {"pack_kernel", "factor_kernel", "panel_kernel", "lauum_kernel", "psi_kernel"} | {
-    f"{k}<{t}>" for k in ("gram_kernel", "mean_kernel", "pooled_kernel", "backward_kernel") for t in ("float", "__half", "__nv_bfloat16")}
+    f"{k}<{t}>" for k in ("gram_kernel", "mean_kernel", "pooled_kernel", "backward_kernel")
+    for t in ("float", "__half", "__nv_bfloat16")}
 FIELDS = {"kernel", "backend", "target", "ok", "registers", "spill_bytes", "shared_bytes", "tensor_cores"}
 
 needs_nvcc = pytest.mark.skipif(
