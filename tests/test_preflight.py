@@ -55,22 +55,9 @@ def test_recover_falls_back_with_a_warning_and_strict_refuses(faulty, tmp_path, 
     assert "--strict" in capsys.readouterr().err
 
 
-def _case(gen, rc):
-    """A stepcheck case on a one-block ConvNet with real statistics of random images."""
-    from unidd_fast import collect_real_stats
-    from unidd_fast.pipeline.models import build_model
-    from unidd_fast.pipeline.recover import step_case
-
-    torch.manual_seed(int(torch.randint(0, 2**31, (1,), generator=gen)))
-    model = build_model("convnet", 3, 8, channels=2, width=6, depth=1).eval().requires_grad_(False)
-    data = [(torch.randn(8, 2, 8, 8, generator=gen), torch.arange(8) % 3) for _ in range(2)]
-    stats = collect_real_stats(model, data, 3, show_progress=False)
-    return step_case(model, stats, rc, True, (0.5, 0.4), (0.25, 0.2), (2, 8, 8), 3, "cpu")
-
-
 def test_step_features_on_the_cpu_check_what_exists_here(gen):
     rc = RecoverConfig(lr=0.1, precision="bf16")
-    rows = {r["feature"]: r for r in stepcheck.check(_case(gen, rc))}
+    rows = {r["feature"]: r for r in stepcheck.check(_faults.step_case(gen, rc))}
     assert rows["eager_fp32"]["median_s"] > 0
     for name in ("cuda_graphs", "capturable_adam"):  # CUDA only: not applicable, never passed
         assert rows[name]["applicable"] is False and rows[name]["passed"] is None
@@ -80,7 +67,7 @@ def test_step_features_on_the_cpu_check_what_exists_here(gen):
     assert rows["bf16_autocast"]["loss_error"] > 0  # autocast was on
     assert rows["bf16_autocast"]["error"] > rows["channels_last"]["error"]  # bf16 rounds far more
     logged = []
-    assert preflight.check_step_features(_case(gen, rc), rc, log=logged.append) == (rc, []) and not logged
+    assert preflight.check_step_features(_faults.step_case(gen, rc), rc, log=logged.append) == (rc, []) and not logged
 
 
 @pytest.mark.parametrize("fault", ["raising", "wrong"])
@@ -90,7 +77,7 @@ def test_a_failing_cuda_graph_or_capturable_adam_turns_graphs_off(gen, monkeypat
     _faults.faulty_step_features(monkeypatch, cuda=True, **{fault: (failing,)})
     rc = RecoverConfig(lr=0.1, precision="bf16")
     logged = []
-    got, fallbacks = preflight.check_step_features(_case(gen, rc), rc, log=logged.append)
+    got, fallbacks = preflight.check_step_features(_faults.step_case(gen, rc), rc, log=logged.append)
     # a failing capturable Adam fails the graphs too (a capture needs it): both go
     want = ["step feature cuda_graphs"] if fault == "raising" else ["step feature cuda_graphs",
                                                                      "step feature capturable_adam"]
@@ -99,7 +86,7 @@ def test_a_failing_cuda_graph_or_capturable_adam_turns_graphs_off(gen, monkeypat
     assert len(logged) == 1 and logged[0].startswith("warning: step feature cuda_graphs failed the pre-flight")
     assert ("injected capture failure" if fault == "raising" else "image update 1 (tolerance 0.25)") in logged[0]
     with pytest.raises(ConfigError, match=f"step feature {failing} failed.*--strict makes this an error"):
-        preflight.check_step_features(_case(gen, rc), rc, strict=True)
+        preflight.check_step_features(_faults.step_case(gen, rc), rc, strict=True)
 
 
 def test_recover_turns_failing_step_features_off_with_the_result_of_a_run_without_them(monkeypatch, tmp_path, capsys):
@@ -160,7 +147,99 @@ def test_float32_features_on_cuda_get_the_tf32_tolerance(monkeypatch):
 
 def test_a_failing_reference_step_is_the_run_s_error_named_as_the_pre_flight(gen):
     rc = RecoverConfig(lr=0.1)
-    case = _case(gen, rc)
+    case = _faults.step_case(gen, rc)
     case.init[1] = float("nan")
     with pytest.raises(NonFiniteError, match="^pre-flight, the eager fp32 recover step on random images: "):
         preflight.check_step_features(case, rc)
+
+
+def test_the_backend_check_caps_the_batch_and_keeps_each_site_s_shape(monkeypatch):
+    from unidd_fast.pipeline.models import build_model
+
+    _faults.install(monkeypatch, broken=False)
+    checked = []
+    monkeypatch.setattr(preflight.doctor, "run", lambda device, shapes, **kw: checked.append(shapes) or {"results": []})
+    model = build_model("convnet", 3, 16, channels=3, width=6, depth=3).eval()
+    sites = [s[1:] for s in preflight.teacher_shapes(model, (3, 16, 16), 1, "bn", "cpu")]
+    assert len(sites) == 3
+    for batch, n in ((500, preflight.PREFLIGHT_BATCH), (7, 7)):
+        assert preflight.check_backends(model, (3, 16, 16), batch, "cpu", "faulty") == ("faulty", [])
+        assert checked.pop() == [(n, *site) for site in sites]
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "resnet50"])
+def test_the_capped_batch_still_splits_every_site_into_row_chunks_where_a_full_batch_does(arch, tmp_path):
+    """The site statistics' chunk plans at ImageNet's 224 px, for GPUs of 108..148 SMs, fp32
+    and bf16 maps: wherever the largest class-batch (1000) reduces over several row chunks,
+    the checked batch does too. Triton's plan is Python; the CUDA one is csrc's, through the
+    CPU emulation when g++ is here."""
+    import shutil
+
+    from unidd_fast.doctor import site_shapes
+    from unidd_fast.kernels.triton.site_stats import num_chunks
+
+    plans = [lambda n, d, hw, sm, size: num_chunks(n, d, n * hw, size, sm)]
+    if shutil.which("g++"):
+        from unidd_fast.kernels.cuda.emulator import EmulatedKernels, build_emulator
+
+        kernels = EmulatedKernels(build_emulator(tmp_path))
+        plans.append(lambda n, d, hw, sm, size: kernels.stats_chunks(n, d, hw, sm))
+    cap, split, lost_at_16 = preflight.PREFLIGHT_BATCH, 0, set()
+    for _, d, h, w in site_shapes(arch, 224, 1):
+        for plan in plans:
+            for sm in (108, 132, 148):
+                for size in (4, 2):
+                    if plan(1000, d, h * w, sm, size) > 1:
+                        split += 1
+                        assert plan(cap, d, h * w, sm, size) > 1, (d, h, w, sm, size)
+                        if plan(16, d, h * w, sm, size) == 1:
+                            lost_at_16.add((d, h, w))
+    assert split > 0
+    assert (512, 7, 7) in lost_at_16  # the bound is not idle: 16 images would miss the deepest sites' split
+
+
+def test_kept_features_are_checked_together_on_the_cpu(gen, monkeypatch):
+    rows, check = [], stepcheck.check
+
+    def spy(*args, **kwargs):
+        rows.extend(out := check(*args, **kwargs))
+        return out
+
+    monkeypatch.setattr(stepcheck, "check", spy)
+    rc = RecoverConfig(lr=0.1, precision="bf16")  # and channels_last, by default
+    assert preflight.check_step_features(_faults.step_case(gen, rc), rc) == (rc, [])
+    row = rows[-1]
+    assert row["feature"] == "bf16_autocast+channels_last" and row["dtype"] == "bfloat16" and row["passed"]
+    assert 0 < row["loss_error"] <= row["loss_tolerance"]
+    assert [r["feature"] for r in rows] == ["eager_fp32", "bf16_autocast", "channels_last", "eager_fp32",
+                                           "bf16_autocast+channels_last"]
+    assert not stepcheck.new_combination(["channels_last"]) and not stepcheck.new_combination([])
+    assert not stepcheck.new_combination(["cuda_graphs", "capturable_adam"])  # graphs make Adam capturable
+
+
+def test_an_interaction_fault_switches_off_bf16_first_on_the_cpu(gen, monkeypatch):
+    _faults.faulty_step_features(monkeypatch, together=("bf16_autocast", "channels_last"))
+    rc = RecoverConfig(lr=0.1, precision="bf16")
+    logged = []
+    got, fallbacks = preflight.check_step_features(_faults.step_case(gen, rc), rc, log=logged.append)
+    assert got == dataclasses.replace(rc, precision="fp32")
+    assert [(f["feature"], f["fallback"], f["ranks"]) for f in fallbacks] == [
+        ("step feature bf16_autocast", "an fp32 teacher", [0])]
+    assert fallbacks[0]["failure"].startswith("together with channels_last: loss relative error")
+    assert "image update 1 (tolerance 0.75)" in fallbacks[0]["failure"]
+    assert len(logged) == 1 and logged[0].startswith("warning: step feature bf16_autocast failed the pre-flight")
+    with pytest.raises(ConfigError, match="bf16_autocast failed.*together with channels_last"):
+        preflight.check_step_features(_faults.step_case(gen, rc), rc, strict=True)
+
+
+@pytest.mark.parametrize("together, dropped", [(("cuda_graphs", "bf16_autocast"), ["cuda_graphs"]),
+                                               (("bf16_autocast", "channels_last"), ["cuda_graphs", "bf16_autocast"])])
+def test_on_a_gpu_a_failing_combination_drops_graphs_then_bf16(gen, monkeypatch, together, dropped):
+    """The CUDA default (graphs, capturable Adam, bf16, channels_last) on a pretended GPU: the
+    combination fails, graphs go first; if the rest still fails, bf16 goes too."""
+    _faults.faulty_step_features(monkeypatch, together=together, cuda=True)
+    rc = RecoverConfig(lr=0.1, precision="bf16")
+    got, fallbacks = preflight.check_step_features(_faults.step_case(gen, rc), rc)
+    assert [f["feature"] for f in fallbacks] == [f"step feature {name}" for name in dropped]
+    assert fallbacks[0]["failure"].startswith("together with capturable_adam, bf16_autocast, channels_last: ")
+    assert got == dataclasses.replace(rc, cuda_graphs="off", precision="fp32" if len(dropped) > 1 else "bf16")

@@ -23,8 +23,8 @@ from torch.utils.data import DataLoader, DistributedSampler, Sampler
 
 from .errors import ConfigError
 
-__all__ = ["DistInfo", "ShardSampler", "barrier", "gather", "gather_state", "info", "init", "is_distributed",
-           "merge_emu", "shard_loader", "shard_rounds", "shutdown"]
+__all__ = ["DistInfo", "ShardSampler", "barrier", "gather", "gather_objects", "gather_state", "info", "init",
+           "is_distributed", "merge_emu", "shard_loader", "shard_rounds", "shutdown"]
 
 
 @dataclass(frozen=True)
@@ -114,6 +114,16 @@ def gather(tensor: torch.Tensor) -> list[torch.Tensor]:
     out = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
     dist.all_gather(out, tensor)
     return [t.to(home) for t in out]
+
+
+def gather_objects(obj) -> list:
+    """Every rank's picklable ``obj`` in rank order, through one ``all_gather_object`` (just
+    ``[obj]`` outside a process group). For small objects: it pickles them."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
 
 
 # --- sharding ------------------------------------------------------------------------------

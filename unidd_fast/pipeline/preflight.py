@@ -5,26 +5,40 @@ the run, with a warning naming what failed (``log``, and the stage's ``"fallback
 
 - ``check_backends``: the ops a backend other than torch would compute (always on CUDA under
   ``auto``; on the CPU only when a kernel backend is named), one call each at the teacher's
-  own site shapes against float64 (``unidd_fast.doctor``); a failing backend hands the run
-  to the torch backend. ``recover`` checks every fused op, ``stats`` its site statistics.
+  own site shapes (d, h, w) with ``checked_batch`` images against float64
+  (``unidd_fast.doctor``); a failing backend hands the run to the torch backend. ``recover``
+  checks every fused op, ``stats`` its site statistics.
 - ``check_step_features``: the fast features of the recover step the run uses (CUDA graphs,
   capturable Adam, bf16 autocast, channels_last), a few steps each against the eager fp32
-  step (``stepcheck``); a failing feature is turned off in the run's RecoverConfig.
-The same code runs in the CPU tests with injected faults.
+  step (``stepcheck``), then the ones left all together; a failing feature is turned off in
+  the run's RecoverConfig.
+Under torchrun the ranks agree after each check (``agree``, one small all_gather): a check
+failing on any rank switches the feature off on every rank, and the warning names the
+ranks. The same code runs in the CPU tests with injected faults.
 """
 from __future__ import annotations
+
+import functools
 
 import torch
 from torch import nn
 
-from .. import doctor
-from ..errors import ConfigError
+from .. import distributed, doctor
+from ..errors import ConfigError, UniddError
 from ..kernels import registry
 from ..sites import SiteHooks
 from . import stepcheck
 from .config import RecoverConfig
 from .step import resolve_options
 
+# Images per site in the backend check; each site keeps the run's (d, h, w). Float64 copies of
+# a ResNet stem map (64, 112, 112) take 0.6 GB at 96 images instead of 3.2 GB at a class-batch
+# of 500. The kernels still reduce over several row chunks wherever a full batch does: Triton
+# splits a site's rows into more than one chunk only when n·h·w·(bytes per value) ≥ 16·d
+# (``kernels.triton.site_stats.num_chunks``), which at the deepest ResNet site that splits at
+# all, (512, 7, 7), needs n ≥ 42 in fp32 and 84 in bf16; the CUDA plan splits from n·h·w > 32
+# rows. tests/test_preflight.py checks both plans on ResNet-18/50 at 224 px.
+PREFLIGHT_BATCH = 96
 REGISTRY_OPS = {"site_stats": "site_stats", "site_stats_grad": "site_stats_grad",
                 "regularized_inverse": "regularized_inverse", "regularized_inverse_grad": "regularized_inverse"}
 
@@ -37,12 +51,45 @@ def teacher_shapes(model: nn.Module, image_shape: tuple, batch: int, sites: str,
     return list(dict.fromkeys(shapes))
 
 
+def checked_batch(batch: int) -> int:
+    """Images per site of the backend check for a run computing ``batch`` at once."""
+    return min(batch, PREFLIGHT_BATCH)
+
+
+def agree(local) -> list[dict]:
+    """The fallbacks of all ranks: ``local()`` (this rank's checks, returning its fallbacks
+    {"feature", "failure", "fallback"}), then one all_gather (``distributed.gather_objects``).
+    Each feature that failed on any rank is returned once, as the first failing rank
+    reported it, with "ranks": the ranks where it failed; every rank gets the same list. A
+    rank whose ``local()`` raises re-raises its error, and the other ranks raise UniddError
+    naming it instead of waiting for it at the next collective. Collective under torchrun:
+    every rank calls it the same number of times. One process: ``local()``, "ranks": [0]."""
+    try:
+        mine, error = local(), None
+    except Exception as exc:  # told to the other ranks before it propagates here
+        mine, error = [], exc
+    everyone = distributed.gather_objects((mine, None if error is None else f"{type(error).__name__}: {error}"))
+    if error is not None:
+        raise error
+    for rank, (_, failed) in enumerate(everyone):
+        if failed is not None:
+            raise UniddError(f"the pre-flight failed on rank {rank}: {failed}")
+    merged: dict = {}
+    for rank, (fallbacks, _) in enumerate(everyone):
+        for fallback in fallbacks:
+            merged.setdefault(fallback["feature"], dict(fallback, ranks=[]))["ranks"].append(rank)
+    return list(merged.values())
+
+
 def fall_back(fallbacks: list[dict], strict: bool, log=None) -> list[dict]:
-    """Warn about ``fallbacks`` ({"feature", "failure", "fallback"}) through ``log``, or raise
-    ConfigError with ``strict``; returns them."""
+    """Warn about ``fallbacks`` ({"feature", "failure", "fallback", "ranks"}, from ``agree``)
+    through ``log``, or raise ConfigError with ``strict``; returns them. Under torchrun the
+    message names the ranks where the check failed."""
     if not fallbacks:
         return fallbacks
-    message = "; ".join(f"{f['feature']} failed the pre-flight check ({f['failure']}): the run uses "
+    where = (lambda f: f" on rank{'s' * (len(f['ranks']) > 1)} {', '.join(map(str, f['ranks']))}"
+             if distributed.is_distributed() else "")
+    message = "; ".join(f"{f['feature']} failed the pre-flight check{where(f)} ({f['failure']}): the run uses "
                         f"{f['fallback']} instead" for f in fallbacks)
     if strict:
         raise ConfigError(f"{message}; --strict makes this an error (drop --strict to fall back)")
@@ -55,37 +102,71 @@ def check_backends(model: nn.Module, image_shape: tuple, batch: int, device, bac
                    strict: bool = False, log=None, ops=tuple(REGISTRY_OPS),
                    memory_format=torch.contiguous_format) -> tuple[str, list[dict]]:
     """(backend the run should use, fallbacks) for the doctor ``ops`` the run computes with
-    ``backend``, on feature maps in ``memory_format`` (the teacher's). Each fallback is
-    {"feature", "failure", "fallback"}; with ``strict`` a failure raises ConfigError instead
-    of falling back."""
+    ``backend`` on batches of ``batch`` images, checked on ``checked_batch(batch)`` images,
+    feature maps in ``memory_format`` (the teacher's). Each fallback is {"feature",
+    "failure", "fallback", "ranks"}; with ``strict`` a failure raises ConfigError instead of
+    falling back. Collective under torchrun (``agree``)."""
     device = torch.device(device)
-    shapes = teacher_shapes(model, image_shape, batch, sites, device)
-    chosen = {registry.resolve(REGISTRY_OPS[op], backend, device, torch.float32, width) for op in ops
-              for width in {s[1] for s in shapes}}
-    chosen.discard("torch")
-    if not chosen:
-        return backend, []
-    report = doctor.run(device, shapes=shapes, repeats=1, backends=sorted(chosen), dtypes=[torch.float32], ops=ops,
-                        step_features=False, memory_format=memory_format)
-    fallbacks = [{"feature": f"backend {row['backend']} for {row['op']}", "failure": row["failure"],
-                  "fallback": "backend torch"} for row in report["results"] if not row["passed"]]
+
+    def local() -> list[dict]:
+        shapes = teacher_shapes(model, image_shape, checked_batch(batch), sites, device)
+        chosen = {registry.resolve(REGISTRY_OPS[op], backend, device, torch.float32, width) for op in ops
+                  for width in {s[1] for s in shapes}}
+        chosen.discard("torch")
+        if not chosen:
+            return []
+        report = doctor.run(device, shapes=shapes, repeats=1, backends=sorted(chosen), dtypes=[torch.float32],
+                            ops=ops, step_features=False, memory_format=memory_format)
+        return [{"feature": f"backend {row['backend']} for {row['op']}", "failure": row["failure"],
+                 "fallback": "backend torch"} for row in report["results"] if not row["passed"]]
+
+    fallbacks = agree(local)
     return ("torch" if fallbacks else backend), fall_back(fallbacks, strict, log)
+
+
+def _step_fallback(feature: stepcheck.Feature, failure: str) -> dict:
+    return {"feature": f"step feature {feature.name}", "failure": failure, "fallback": feature.fallback}
+
+
+def _check_together(case: stepcheck.Case, names: list[str], reference) -> list[dict]:
+    """[the fallback of the first of ``names``] if they fail together on ``case``, else []."""
+    _, row = stepcheck.check(case, [tuple(names)], reference=reference)
+    if row["passed"] is not False:
+        return []
+    return [_step_fallback(stepcheck.BY_NAME[names[0]], f"together with {', '.join(names[1:])}: {row['failure']}")]
 
 
 def check_step_features(case: stepcheck.Case, rc: RecoverConfig, strict: bool = False,
                         log=None) -> tuple[RecoverConfig, list[dict]]:
     """(the RecoverConfig the run should use, fallbacks): the step features ``rc`` uses on
-    the device of ``case`` (``step.resolve_options``), checked on ``case``; a failing one is
-    switched off (``stepcheck.Feature.disable``). Nothing runs when the step uses none."""
-    options = resolve_options(rc, case.init.device)
-    used = [f.name for f in stepcheck.FEATURES if f.used(options)]
+    the device of ``case`` (``step.resolve_options``), checked on ``case``. First each alone
+    (``stepcheck.check``): a failing one is switched off (``stepcheck.Feature.disable``).
+    Then the features left, together, as the run will use them (when no one of them alone
+    makes that step, ``stepcheck.new_combination``): while the combination fails, the first
+    of it in FEATURES order is switched off (CUDA graphs, then bf16 autocast: the step
+    without graphs is the simpler one, and fp32 the exact one) and the rest is checked
+    again. Nothing runs when the step uses no feature. Collective under torchrun: the ranks
+    agree after each check (``agree``), so they all run the same combination and end with
+    the same RecoverConfig."""
+    device = case.init.device
+    used = [f.name for f in stepcheck.FEATURES if f.used(resolve_options(rc, device))]
     if not used or rc.iterations == 0:
         return rc, []
-    fallbacks = []
-    for row in stepcheck.check(case, used):
-        if row["passed"] is False:
-            feature = stepcheck.BY_NAME[row["feature"]]
-            rc = feature.disable(rc)
-            fallbacks.append({"feature": f"step feature {feature.name}", "failure": row["failure"],
-                              "fallback": feature.fallback})
+    reference = []  # filled inside agree: a rank whose reference step raises tells the others
+
+    def alone() -> list[dict]:
+        reference.append(stepcheck.reference_step(case))
+        return [_step_fallback(stepcheck.BY_NAME[row["feature"]], row["failure"])
+                for row in stepcheck.check(case, used, reference=reference[0]) if row["passed"] is False]
+
+    fallbacks = agree(alone)
+    for fallback in fallbacks:
+        rc = stepcheck.BY_NAME[fallback["feature"].removeprefix("step feature ")].disable(rc)
+    while stepcheck.new_combination(kept := [f.name for f in stepcheck.FEATURES
+                                             if f.used(resolve_options(rc, device))]):
+        failed = agree(functools.partial(_check_together, case, kept, reference[0]))
+        if not failed:
+            break
+        rc = stepcheck.BY_NAME[kept[0]].disable(rc)
+        fallbacks += failed
     return rc, fall_back(fallbacks, strict, log)

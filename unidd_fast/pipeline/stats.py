@@ -33,7 +33,6 @@ from .train import setup_device
 CHECKPOINT = "checkpoints/stats.safetensors"
 CHECKPOINT_FORMAT = "unidd_fast.stats_checkpoint/2"
 CHUNK_BATCHES = 200  # batches between two checkpoints (≈ 51k images at batch size 256)
-PREFLIGHT_BATCH = 16  # images of the pre-flight check: the sites' (d, h, w) are the run's, n is capped
 
 
 def save_progress(path: Path, acc: dict[str, MomentAccumulator], shapes: dict, position: int, num_images: int,
@@ -77,7 +76,7 @@ def run(cfg: Config, out: RunDir, teacher_path, batch_size: int = 256, chunk_bat
         return done
     # the site statistics' backend, checked at the teacher's site shapes (channels_last maps)
     backend, fallbacks = preflight.check_backends(
-        teacher, (data.channels, data.image_size, data.image_size), min(batch_size, PREFLIGHT_BATCH), device,
+        teacher, (data.channels, data.image_size, data.image_size), batch_size, device,
         cfg.recover.backend, cfg.recover.sites, cfg.recover.strict, out.log, ops=("site_stats",),
         memory_format=torch.channels_last)
     here = distributed.info()

@@ -1,8 +1,9 @@
 """The fast features of the recover step checked against the eager fp32 step: a few full
 recover steps (``step.RecoverEngine``: augment → teacher → CE + regulariser → backward →
 Adam → clip) on the same images, targets and random draws, once with every feature off and
-once per feature with only that feature on; the losses and the image update must agree
-within a tolerance of the feature's arithmetic. ``unidd-fast doctor`` reports these rows;
+once per feature with only that feature on, or with a group of features on together (the
+pre-flight's last check: the combination a run keeps); the losses and the image update must
+agree within a tolerance of the feature's arithmetic (a group's: the loosest among them). ``unidd-fast doctor`` reports these rows;
 ``preflight.check_step_features`` runs them on a run's own model before its first
 class-batch.
 
@@ -144,31 +145,60 @@ def _steps(case: Case, options: StepOptions, repeats: int):
     return result, statistics.median(times)
 
 
-def check(case: Case, features=None, repeats: int = 1) -> list[dict]:
-    """Rows {"feature", "dtype", "applicable", "passed", "loss_error", "error", "tolerance",
-    "loss_tolerance", "median_s", "failure"}: first "eager_fp32" (the reference, its time),
-    then each feature of ``features`` (names; default all) in FEATURES order. A feature that does not run on
-    this device is "not applicable": passed None, never True. The reference raising raises."""
-    device = case.init.device
+def reference_step(case: Case, repeats: int = 1):
+    """(images after STEPS eager fp32 steps, CE, regulariser), median seconds per step: what
+    ``check`` compares with. The reference raising raises, named as the pre-flight's."""
     try:
-        reference, seconds = _steps(case, EAGER_FP32, repeats)
+        return _steps(case, EAGER_FP32, repeats)
     except UniddError as exc:  # the run's own step fails: not a feature's fault, and no fallback helps
         raise type(exc)(f"pre-flight, the eager fp32 recover step on random images: {exc}") from exc
+
+
+def group(names) -> tuple[Feature, ...]:
+    """The features of ``names``: one FEATURES name, or a sequence of them (checked together)."""
+    return tuple(BY_NAME[n] for n in ((names,) if isinstance(names, str) else names))
+
+
+def enabled(features) -> StepOptions:
+    """The eager fp32 step with every one of ``features`` on."""
+    options = EAGER_FP32
+    for feature in features:
+        options = feature.enable(options)
+    return options
+
+
+def new_combination(names) -> bool:
+    """Whether ``names`` together make a step that no one of them alone makes (graphs turn
+    capturable Adam on themselves: cuda_graphs with capturable_adam is cuda_graphs alone)."""
+    features = group(names)
+    return len(features) > 1 and all(enabled(features) != f.enable(EAGER_FP32) for f in features)
+
+
+def check(case: Case, features=None, repeats: int = 1, reference=None) -> list[dict]:
+    """Rows {"feature", "dtype", "applicable", "passed", "loss_error", "error", "tolerance",
+    "loss_tolerance", "median_s", "failure"}: first "eager_fp32" (the reference, its time),
+    then one per entry of ``features`` in its order (default: every feature in FEATURES
+    order): a FEATURES name, or a tuple of names checked together (feature "a+b", the
+    tolerance of the loosest arithmetic among them). A check that does not run on this device
+    is "not applicable": passed None, never True. ``reference``: a ``reference_step`` of
+    ``case`` already run (else it runs here; it raising raises)."""
+    device = case.init.device
+    reference, seconds = reference or reference_step(case, repeats)
     rows = [{"feature": REFERENCE, "dtype": "float32", "applicable": True, "passed": True, "loss_error": 0.0,
              "error": 0.0, "tolerance": 0.0, "loss_tolerance": 0.0, "median_s": seconds, "failure": None}]
     want_update = reference[0] - case.init
-    for feature in FEATURES:
-        if features is not None and feature.name not in features:
-            continue
-        dtype = arithmetic(feature, device)
-        row = {"feature": feature.name, "dtype": dtype, "applicable": applicable(feature, device),
-               "passed": None, "loss_error": None, "error": None, "tolerance": TOLERANCE[dtype],
-               "loss_tolerance": LOSS_TOLERANCE[dtype], "median_s": None, "failure": None}
+    for names in (features if features is not None else [f.name for f in FEATURES]):
+        checked = group(names)
+        dtype = max((arithmetic(f, device) for f in checked), key=TOLERANCE.get)
+        row = {"feature": "+".join(f.name for f in checked), "dtype": dtype,
+               "applicable": all(applicable(f, device) for f in checked), "passed": None, "loss_error": None,
+               "error": None, "tolerance": TOLERANCE[dtype], "loss_tolerance": LOSS_TOLERANCE[dtype],
+               "median_s": None, "failure": None}
         rows.append(row)
         if not row["applicable"]:
             continue
         try:
-            (images, ce, reg), seconds = _steps(case, feature.enable(EAGER_FP32), repeats)
+            (images, ce, reg), seconds = _steps(case, enabled(checked), repeats)
         except Exception as exc:  # a feature that raises fails its check, it does not stop the others
             row.update(passed=False, failure=f"{type(exc).__name__}: {exc}")
             continue
