@@ -168,34 +168,40 @@ def test_the_backend_check_caps_the_batch_and_keeps_each_site_s_shape(monkeypatc
 
 
 @pytest.mark.parametrize("arch", ["resnet18", "resnet50"])
-def test_the_capped_batch_still_splits_every_site_into_row_chunks_where_a_full_batch_does(arch, tmp_path):
-    """The site statistics' chunk plans at ImageNet's 224 px, for GPUs of 108..148 SMs, fp32
-    and bf16 maps: wherever the largest class-batch (1000) reduces over several row chunks,
-    the checked batch does too. Triton's plan is Python; the CUDA one is csrc's, through the
-    CPU emulation when g++ is here."""
+def test_the_capped_batch_takes_the_kernels_reduction_paths_of_a_full_batch(arch, tmp_path):
+    """The site statistics' chunk plans (functions of the shape only) at ImageNet's 224 px,
+    fp32 and bf16 maps: wherever the largest class-batch (1000) reduces over several row
+    chunks, or (Triton) over enough of them for the two-level chunk sum, the checked batch
+    does too. Triton's plan is Python; the CUDA one is csrc's, through the CPU emulation."""
     import shutil
 
-    from unidd_fast.doctor import site_shapes
-    from unidd_fast.kernels.triton.site_stats import num_chunks
+    import triton
 
-    plans = [lambda n, d, hw, sm, size: num_chunks(n, d, n * hw, size, sm)]
+    from unidd_fast.doctor import site_shapes
+    from unidd_fast.kernels.triton.site_stats import num_chunks, reduce_group
+
+    def triton_path(n, d, hw, size):
+        chunks = num_chunks(n, d, n * hw, size)
+        chunks = triton.cdiv(n, triton.cdiv(n, chunks))  # as site_stats_forward deals the samples
+        return chunks > 1, reduce_group(chunks) < chunks
+
+    paths = [triton_path]
     if shutil.which("g++"):
         from unidd_fast.kernels.cuda.emulator import EmulatedKernels, build_emulator
 
         kernels = EmulatedKernels(build_emulator(tmp_path))
-        plans.append(lambda n, d, hw, sm, size: kernels.stats_chunks(n, d, hw, sm))
-    cap, split, lost_at_16 = preflight.PREFLIGHT_BATCH, 0, set()
+        paths.append(lambda n, d, hw, size: kernels.stats_chunks(n, d, hw) > 1)
+    cap, reduced, lost_at_16 = preflight.PREFLIGHT_BATCH, 0, set()
     for _, d, h, w in site_shapes(arch, 224, 1):
-        for plan in plans:
-            for sm in (108, 132, 148):
-                for size in (4, 2):
-                    if plan(1000, d, h * w, sm, size) > 1:
-                        split += 1
-                        assert plan(cap, d, h * w, sm, size) > 1, (d, h, w, sm, size)
-                        if plan(16, d, h * w, sm, size) == 1:
-                            lost_at_16.add((d, h, w))
-    assert split > 0
-    assert (512, 7, 7) in lost_at_16  # the bound is not idle: 16 images would miss the deepest sites' split
+        for path in paths:
+            for size in (4, 2):
+                full = path(1000, d, h * w, size)
+                assert path(cap, d, h * w, size) == full, (d, h, w, size)
+                reduced += full is True or full == (True, True)
+                if path(16, d, h * w, size) != full:
+                    lost_at_16.add((d, h, w))
+    assert reduced > 0
+    assert (512, 7, 7) in lost_at_16  # the bound is not idle: 16 images would miss the deepest sites' paths
 
 
 def test_kept_features_are_checked_together_on_the_cpu(gen, monkeypatch):

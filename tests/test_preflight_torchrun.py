@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from _tiny_runs import env
+from unidd_fast.pipeline import preflight
 
 WORKER = Path(__file__).with_name("_preflight_worker.py")
 
@@ -34,8 +35,8 @@ def test_a_backend_failing_on_one_rank_is_dropped_on_both(ranks):
     assert {f["feature"]: f["ranks"] for f in got["fallbacks"]} == {
         "backend faulty for site_stats": [1], "backend faulty for regularized_inverse": [1],
         "backend faulty for regularized_inverse_grad": [1]}
-    assert "backend faulty for site_stats failed the pre-flight check on rank 1 ((96, 5, 4, 4): relative error" in (
-        got["log"][0])
+    assert (f"backend faulty for site_stats failed the pre-flight check on rank 1 (({preflight.PREFLIGHT_BATCH}, 5, 4, 4)"
+            ": relative error") in got["log"][0]
 
 
 def test_a_step_feature_failing_on_rank_0_is_switched_off_on_both(ranks):

@@ -32,13 +32,14 @@ from .config import RecoverConfig
 from .step import resolve_options
 
 # Images per site in the backend check; each site keeps the run's (d, h, w). Float64 copies of
-# a ResNet stem map (64, 112, 112) take 0.6 GB at 96 images instead of 3.2 GB at a class-batch
-# of 500. The kernels still reduce over several row chunks wherever a full batch does: Triton
-# splits a site's rows into more than one chunk only when n·h·w·(bytes per value) ≥ 16·d
-# (``kernels.triton.site_stats.num_chunks``), which at the deepest ResNet site that splits at
-# all, (512, 7, 7), needs n ≥ 42 in fp32 and 84 in bf16; the CUDA plan splits from n·h·w > 32
+# a ResNet stem map (64, 112, 112) take 0.8 GB at 128 images instead of 3.2 GB at a class-batch
+# of 500. The site-statistics kernels still take the reduction paths of a full batch: their
+# chunk plans depend on the shape only, and Triton splits a site's rows into ≥ 3 chunks (its
+# two-level chunk sum) only when n·h·w·(bytes per value) ≥ 24·d
+# (``kernels.triton.site_stats.num_chunks``), which at the deepest ResNet site that splits,
+# (512, 7, 7), needs n ≥ 63 in fp32 and 126 in bf16; the CUDA plan splits from n·h·w > 32
 # rows. tests/test_preflight.py checks both plans on ResNet-18/50 at 224 px.
-PREFLIGHT_BATCH = 96
+PREFLIGHT_BATCH = 128
 REGISTRY_OPS = {"site_stats": "site_stats", "site_stats_grad": "site_stats_grad",
                 "regularized_inverse": "regularized_inverse", "regularized_inverse_grad": "regularized_inverse"}
 
