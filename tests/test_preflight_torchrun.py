@@ -35,8 +35,9 @@ def test_a_backend_failing_on_one_rank_is_dropped_on_both(ranks):
     assert {f["feature"]: f["ranks"] for f in got["fallbacks"]} == {
         "backend faulty for site_stats": [1], "backend faulty for regularized_inverse": [1],
         "backend faulty for regularized_inverse_grad": [1]}
-    assert (f"backend faulty for site_stats failed the pre-flight check on rank 1 (({preflight.PREFLIGHT_BATCH}, 5, 4, 4)"
-            ": relative error") in got["log"][0]
+    shape = (preflight.PREFLIGHT_BATCH, 5, 4, 4)  # a class-batch of 500, checked on the capped batch
+    assert f"backend faulty for site_stats failed the pre-flight check on rank 1 ({shape}: relative error" in (
+        got["log"][0])
 
 
 def test_a_step_feature_failing_on_rank_0_is_switched_off_on_both(ranks):

@@ -3,9 +3,9 @@ recover steps (``step.RecoverEngine``: augment → teacher → CE + regulariser 
 Adam → clip) on the same images, targets and random draws, once with every feature off and
 once per feature with only that feature on, or with a group of features on together (the
 pre-flight's last check: the combination a run keeps); the losses and the image update must
-agree within a tolerance of the feature's arithmetic (a group's: the loosest among them). ``unidd-fast doctor`` reports these rows;
-``preflight.check_step_features`` runs them on a run's own model before its first
-class-batch.
+agree within a tolerance of the feature's arithmetic (a group's: the loosest among them).
+``unidd-fast doctor`` reports these rows; ``preflight.check_step_features`` runs them on a
+run's own model before its first class-batch.
 
 Features (``FEATURES``):
   cuda_graphs      the step captured once and replayed (with capturable Adam, which a
