@@ -25,7 +25,9 @@ def loss_and_image_grad(backend, model, stats, x, y, batches=2):
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_cfm_loss_triton_matches_torch(channels_last, gen):
     """fp32 model: both backends accumulate in fp32; the loss is a sum of norms of
-    differences of inverses, so 1e-5 relative covers the rounding of either path."""
+    differences of inverses, so 1e-5 relative covers the rounding of either path. The image
+    gradient: Triton's statistics backward multiplies in bf16x3 (``site_stats.grad_precision``,
+    operands to 2^-16), so 1e-4."""
     model = tiny_convnet()
     stats = real_stats(model, gen)
     x = torch.randn(C, 3, 8, 8, generator=gen)
@@ -36,7 +38,7 @@ def test_cfm_loss_triton_matches_torch(channels_last, gen):
     want_loss, want_grad = loss_and_image_grad("torch", model, stats, x, y)
     got_loss, got_grad = loss_and_image_grad("triton", model, stats, x, y)
     torch.testing.assert_close(got_loss, want_loss, rtol=1e-5, atol=0)
-    assert ((got_grad - want_grad).norm() / want_grad.norm()) < 1e-5
+    assert ((got_grad - want_grad).norm() / want_grad.norm()) < 1e-4
 
 
 def test_nan_in_features_names_the_site(gen):
