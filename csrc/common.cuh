@@ -23,7 +23,7 @@ namespace unidd {
 using half_t = emu::half_t;
 using bf16_t = emu::bf16_t;
 #define UNIDD_LAUNCH(kernel, grid, block, stream, ...) \
-  emu::launch((grid), (block), [&] { kernel(__VA_ARGS__); })
+  emu::launch(#kernel, (grid), (block), [&] { kernel(__VA_ARGS__); })
 #else
 using half_t = __half;
 using bf16_t = __nv_bfloat16;

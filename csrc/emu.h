@@ -121,13 +121,25 @@ inline bool run_block(Block& blk) {
   }
 }
 
+// Launch recording (kernels/cuda/emulator.py, LaunchRecorder): while ``recording`` is on,
+// launch() appends (kernel, grid, block) and runs nothing, so the grids the host code picks
+// can be read for any size without data (the compile report's occupancy table).
+struct LaunchRecord {
+  const char* kernel;
+  unsigned grid[3], block[3];
+};
+inline bool recording = false;
+inline std::vector<LaunchRecord> records;
+
 template <class F>
-void launch(dim3 grid, dim3 block, F&& kernel_call) {
+void launch(const char* name, dim3 grid, dim3 block, F&& kernel_call) {
   const size_t n = size_t(block.x) * block.y * block.z;
+  if (recording) records.push_back({name, {grid.x, grid.y, grid.z}, {block.x, block.y, block.z}});
   if (n == 0 || n > 1024 || grid.x == 0 || grid.y == 0 || grid.z == 0 || grid.y > 65535 || grid.z > 65535) {
     last_error = cudaErrorInvalidConfiguration;
     return;
   }
+  if (recording) return;
   const std::function<void()> body = kernel_call;
   Block blk;
   blk.fibers.resize(n);
@@ -205,6 +217,19 @@ inline emu::bf16_t __float2bfloat16_rn(float v) {
 // Block order of every later launch: 0 grid order, else a permutation seeded by `seed`.
 extern "C" __attribute__((used, visibility("default"))) inline void unidd_emu_set_block_order(uint64_t seed) {
   emu::block_order_seed = seed;
+}
+
+// ctypes access to the launch recording.
+extern "C" __attribute__((used, visibility("default"))) inline void unidd_emu_record(int on) {
+  emu::recording = on != 0;
+  emu::records.clear();
+}
+extern "C" __attribute__((used, visibility("default"))) inline int unidd_emu_num_records(void) { return int(emu::records.size()); }
+// Kernel name of record i; its grid and block into dims[0..2] and dims[3..5].
+extern "C" __attribute__((used, visibility("default"))) inline const char* unidd_emu_record_at(int i, unsigned* dims) {
+  const emu::LaunchRecord& r = emu::records.at(size_t(i));
+  for (int k = 0; k < 3; ++k) dims[k] = r.grid[k], dims[3 + k] = r.block[k];
+  return r.kernel;
 }
 
 inline cudaError_t cudaGetLastError() {

@@ -36,16 +36,22 @@ BETA = 0.1
 CLASSES = 4  # targets of the FLC in cfm_site_loss
 
 
-def site_shapes(arch: str, image_size: int, batch: int) -> list[tuple[int, int, int, int]]:
-    """Distinct (n, d, h, w) inputs of the teacher's BatchNorm sites for a batch of ``batch`` images."""
+def site_inputs(arch: str, image_size: int, batch: int) -> list[tuple[int, int, int, int]]:
+    """(n, d, h, w) input of every BatchNorm site of the teacher ``arch`` (torchvision's
+    ResNet with the small-image stem at <= 64 px), in hook order, for ``batch`` images."""
     from .pipeline.models import build_model
     from .sites import SiteHooks
 
     model = build_model(arch, num_classes=10, image_size=image_size).eval()
     shapes: list = []
     with SiteHooks(model, "bn", lambda name, x: shapes.append(tuple(x.shape))), torch.no_grad():
-        model(torch.zeros(batch, 3, image_size, image_size))
-    return list(dict.fromkeys(shapes))
+        model(torch.zeros(1, 3, image_size, image_size))
+    return [(batch,) + s[1:] for s in shapes]
+
+
+def site_shapes(arch: str, image_size: int, batch: int) -> list[tuple[int, int, int, int]]:
+    """Distinct (n, d, h, w) inputs of the teacher's BatchNorm sites for a batch of ``batch`` images."""
+    return list(dict.fromkeys(site_inputs(arch, image_size, batch)))
 
 
 def _sync(device: torch.device) -> None:

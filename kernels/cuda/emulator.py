@@ -108,3 +108,62 @@ class EmulatedKernels:
         groups = (_InvGroup * len(a))(*(_InvGroup(ai.data_ptr(), oi.data_ptr(), wo, ai.shape[0], ai.shape[-1], io)
                                         for ai, oi, wo, io in zip(a, out, work_offsets, info_offsets)))
         self._check(self.lib.unidd_inverse(groups, len(a), _ptr(beta), _ptr(work), _ptr(info), None), "inverse")
+
+
+class LaunchRecorder(EmulatedKernels):
+    """The interface of ``unidd_fast._cuda`` on ``meta`` tensors: each call runs the launchers'
+    host code of ``csrc/`` (the CPU build) with kernel launches recorded instead of run, so
+    the grids a GPU with ``sms`` streaming multiprocessors gets can be read at any size
+    without memory or data. The SM count the host code of ``cuda/ops.py`` passes (that of the
+    tensors' device) is replaced by ``sms``. ``launches()`` returns and clears the record:
+    [(kernel, (grid x, y, z), (block x, y, z))]. Recording is on only during a call, so an
+    ``EmulatedKernels`` sharing the library still runs its kernels."""
+
+    device_type = "meta"
+
+    def __init__(self, lib_path: Path | str, sms: int):
+        super().__init__(lib_path)
+        self.sms = sms
+        self.lib.unidd_emu_record.argtypes = [ctypes.c_int]
+        self.lib.unidd_emu_record_at.argtypes = [ctypes.c_int, ctypes.POINTER(ctypes.c_uint)]
+        self.lib.unidd_emu_record_at.restype = ctypes.c_char_p
+        self._log: list[tuple[str, tuple, tuple]] = []
+        self._dummy = ctypes.c_double()  # stands for every buffer: the launchers only check it is there
+
+    def _buffers(self, buffers):
+        return [None if b is None else ctypes.addressof(self._dummy) for b in buffers]
+
+    def _recorded(self, call, what: str) -> None:
+        self.lib.unidd_emu_record(1)
+        try:
+            self._check(call(), what)
+            dims = (ctypes.c_uint * 6)()
+            for i in range(self.lib.unidd_emu_num_records()):
+                name = self.lib.unidd_emu_record_at(i, dims).decode()
+                self._log.append((name, tuple(dims[:3]), tuple(dims[3:])))
+        finally:
+            self.lib.unidd_emu_record(0)
+
+    def _map(self, x, n, d, hw, sn, sc, sp) -> _FeatureMap:
+        return _FeatureMap(ctypes.addressof(self._dummy), _DTYPE_CODES[x.dtype], n, d, hw, sn, sc, sp)
+
+    def stats_chunks(self, n, d, hw, num_sms) -> int:
+        return super().stats_chunks(n, d, hw, self.sms)
+
+    def stats_forward(self, x, n, d, hw, sn, sc, sp, num_sms, *buffers) -> None:
+        fmap = self._map(x, n, d, hw, sn, sc, sp)
+        self._recorded(lambda: self.lib.unidd_stats_forward(fmap, self.sms, *self._buffers(buffers), None),
+                       "stats_forward")
+
+    def stats_backward(self, x, n, d, hw, sn, sc, sp, *buffers) -> None:
+        fmap = self._map(x, n, d, hw, sn, sc, sp)
+        self._recorded(lambda: self.lib.unidd_stats_backward(fmap, *self._buffers(buffers), None), "stats_backward")
+
+    def inverse(self, a, out, work_offsets, info_offsets, beta, work, info) -> None:
+        groups = (_InvGroup * len(a))(*(_InvGroup(ctypes.addressof(self._dummy), ctypes.addressof(self._dummy), wo, ai.shape[0], ai.shape[-1], io)
+                                        for ai, wo, io in zip(a, work_offsets, info_offsets)))
+        self._recorded(lambda: self.lib.unidd_inverse(groups, len(a), *self._buffers((beta, work, info)), None), "inverse")
+
+    def launches(self) -> list[tuple[str, tuple, tuple]]:
+        out, self._log = self._log, []
+        return out
