@@ -107,16 +107,20 @@ def inverse_model(ds):
             "t_memory_us": nbytes / HBM * 1e6, "predicted_us": total * 1e6, "bound": "latency"}
 
 
-def cusolver_model(ds):
-    """The alternative: per matrix cusolverDnSpotrf + cusolverDnSpotri on one stream. Lower
-    bound: the API/launch cost of 2 calls per matrix plus, per matrix, the same serial
-    chain of pivot passes (d columns factored, d inverted) as ours, summed — the calls of
-    one stream do not overlap."""
+def cusolver_model(ds, dtype: str = "fp32"):
+    """The alternative: per matrix cusolverDn?potrf + the inverse from the factor on one
+    stream. Lower bound: the API/launch cost of 2 calls per matrix plus, per matrix, the same
+    serial chain of pivot passes (d columns factored, d inverted) as ours, summed — the
+    calls of one stream do not overlap. ``dtype`` "fp64": the float64 inverse the custom op
+    runs when it promotes fp32 input (always inside a CUDA-graph capture), with its casts
+    (fp32 in, fp64 copy, fp64 result, fp32 out)."""
+    e = 8 if dtype == "fp64" else 4
     t = sum(2 * CUSOLVER_CALL_S + 2 * d * PASS_S for d in ds)
     flops = sum(d ** 3 for d in ds)
-    return {"launches": 2 * len(ds), "flops": flops, "bytes": sum(3 * d * d * 4 for d in ds),
-            "t_compute_us": flops / PEAK["fp32"] * 1e6, "t_memory_us": sum(3 * d * d * 4 for d in ds) / HBM * 1e6,
-            "predicted_us": t * 1e6, "bound": "latency"}
+    nbytes = sum(3 * d * d * e + (2 * d * d * (4 + 8) if dtype == "fp64" else 0) for d in ds)
+    return {"launches": (4 if dtype == "fp64" else 2) * len(ds), "flops": flops, "bytes": nbytes,
+            "t_compute_us": flops / PEAK[dtype] * 1e6, "t_memory_us": nbytes / HBM * 1e6,
+            "predicted_us": t * 1e6 + nbytes / HBM * 1e6, "bound": "latency"}
 
 
 def main(argv=None):

@@ -23,8 +23,13 @@ import torchvision
 from common import prediction_args, report
 from sites import cifar_resnet18, site_shapes
 from unidd_fast.kernels.triton.reg_inverse import BLOCK as CHOL_B
-from unidd_fast.kernels.triton.site_stats import BLOCK_R, block_d, num_chunks
+from unidd_fast.kernels.triton.site_stats import BLOCK_R, block_d, dot_precision, grad_precision, num_chunks
 from unidd_fast.roofline import ELEM, HBM, PEAK, term
+
+TORCH_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+# (tensor-core passes, peak) per input precision of the Triton kernels' dots
+PRECISION = {"tf32x3": (3, PEAK["tf32"]), "tf32": (1, PEAK["tf32"]), "bf16x3": (3, PEAK["bf16"]),
+             "ieee": (1, PEAK["fp32"])}
 
 SMS = 132
 # ASSUMPTIONS of the Cholesky latency model, to be replaced by measurements: one serial
@@ -49,28 +54,40 @@ def geometries():
 def site_stats_fwd(n, d, h, w, dtype):
     """One pass over X (HBM once: the nb re-reads of other channel blocks hit the 50 MB L2;
     every map of these geometries that needs them, d ≥ 128, is ≤ 40 MB), Gram on tensor cores
-    over the I ≤ J tile pairs, padded rows included, at the occupancy of the launcher's grid;
-    partial Grams (chunks·d²) written and read back by the finalize kernel."""
+    over the I ≤ J tile pairs, padded rows included, at the occupancy of the launcher's grid,
+    with the kernel's dot precision (3xTF32 for every feature dtype: three TF32 products);
+    partial Grams (chunks·d²) written by it, then read back by the finalize kernel, whose
+    nb² programs (a few for d ≤ 512: the compile report flags them LOW) get their share of
+    the SMs' bandwidth, as a grid's occupancy scales its peak throughout this model."""
     bd = block_d(d)
     nb = math.ceil(d / bd)
     pairs = nb * (nb + 1) // 2
     chunks = num_chunks(n, d, n * h * w, ELEM[dtype])
     rows_padded = n * math.ceil(h * w / BLOCK_R) * BLOCK_R
-    flops = 2 * rows_padded * bd * bd * pairs * (3 if dtype == "fp32" else 1)
-    nbytes = n * h * w * d * ELEM[dtype] + 2 * chunks * d * d * 4 + n * d * 4 + d * d * 4
-    r = term(flops, PEAK["tf32"] * min(1.0, chunks * pairs / SMS), nbytes)
+    passes, peak = PRECISION[dot_precision(TORCH_DTYPES[dtype])]
+    flops = 2 * rows_padded * bd * bd * pairs * passes
+    partials = chunks * d * d * 4
+    nbytes = n * h * w * d * ELEM[dtype] + partials + n * d * 4
+    r = term(flops, peak * min(1.0, chunks * pairs / SMS), nbytes)
+    finalize_s = (partials + d * d * 4) / (HBM * min(1.0, nb * nb / SMS))
+    r["bytes"] += partials + d * d * 4
+    r["t_memory_us"] += finalize_s * 1e6
+    r["predicted_us"] += finalize_s * 1e6
+    r["bound"] = "compute" if r["t_compute_us"] > r["t_memory_us"] else "memory"
     r["programs"] = chunks * pairs
     return r
 
 
 def site_stats_bwd(n, d, h, w, dtype):
-    """dX = (X − μ) Gs / N + broadcasts: read X, write dX (same dtype), one GEMM on tensor cores."""
-    bd = 32 if d <= 32 else 64
+    """dX = (X − μ) Gs / N + broadcasts: read X, write dX (same dtype), one GEMM on tensor
+    cores at the kernel's precision (``grad_precision``: bf16x3, three bf16 passes)."""
+    bd = block_d(d)
     dp = math.ceil(d / bd) * bd
     rows_padded = n * math.ceil(h * w / BLOCK_R) * BLOCK_R
-    flops = 2 * rows_padded * dp * dp * (3 if dtype == "fp32" else 1)
+    passes, peak = PRECISION[grad_precision(TORCH_DTYPES[dtype])]
+    flops = 2 * rows_padded * dp * dp * passes
     nbytes = 2 * n * h * w * d * ELEM[dtype] + n * d * 4 + d * d * 4
-    return term(flops, PEAK["tf32"], nbytes)
+    return term(flops, peak, nbytes)
 
 
 def torch_site_stats_fwd(n, d, h, w, dtype):

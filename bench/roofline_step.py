@@ -1,15 +1,18 @@
 """H100 roofline PREDICTION of a full recover step (``roofline_step_*.json``): the teacher per
-layer (forward + input backward), augmentation, Adam + clip, the CFM loss on the backends
-``auto`` picks on CUDA (the Triton statistics of ``roofline.py``, the CUDA inverse of
-``bench_cuda_roofline.py``), the SRe2L BN loss at its fused ideal, and launch gaps of a
-replayed CUDA graph; totals give the predicted CFM overhead over the bare teacher step and
-over SRe2L. Nothing here is measured on a GPU.
+layer (forward + input backward), augmentation, Adam + clip, the CFM loss as the code runs it
+on CUDA with ``auto`` (the Triton statistics of ``roofline.py`` at the kernels' precisions:
+3xTF32 Gram, bf16x3 backward; the inverse in float64 on cuSOLVER, which every synthetic
+inverse takes inside the CUDA-graph capture that recover uses on CUDA by default, with
+``bench_cuda_roofline.py``'s per-matrix latency model), the SRe2L BN loss at its fused ideal,
+and launch gaps of a replayed CUDA graph; totals give the predicted CFM overhead over the
+bare teacher step and over SRe2L. Nothing here is measured on a GPU.
 
     python bench/roofline_step.py [--dtype bf16|fp32] [--markdown]
 
-Geometries: ResNet-18 at class-batch 100, 200 and 500, ResNet-50 at 500 (224 px). Inverses of
-width >= 1024 (ResNet-50's 1024 and 2048) are modelled on cuSOLVER, which ``auto`` picks there
-(``kernels/registry.py`` LARGE_WIDTH), the narrower ones on the CUDA extension.
+Geometries: ResNet-18 at class-batch 100, 200 and 500, ResNet-50 at 500 (224 px).
+``full_step(..., graphs=False)`` models eager steps instead (fp32 inverses: the CUDA
+extension below ``kernels/registry.py`` LARGE_WIDTH, cuSOLVER above), valid only while
+κ = (λmax + β)/β stays below ``_utils.FP32_MAX_CONDITION``.
 """
 from __future__ import annotations
 
@@ -24,12 +27,14 @@ from unidd_fast.kernels.registry import LARGE_WIDTH
 from unidd_fast.roofline import LAUNCH_GAP_S, teacher_layers
 
 
-def full_step(image: int, batch: int, dtype: str, arch: str = "resnet18") -> list[dict]:
+def full_step(image: int, batch: int, dtype: str, arch: str = "resnet18", graphs: bool = True) -> list[dict]:
     """Rows of one recover step of ``arch`` at ``image``² and class-batch ``batch``: the
     teacher (forward + input backward, per-layer roofline), augmentation, Adam + clip, the
-    CFM loss with the backends ``auto`` picks on CUDA (Triton statistics, CUDA inverse),
-    the SRe2L BN loss fused to one read forward and one read + one write backward (its
-    ideal), and the kernel launch gaps of a replayed CUDA graph."""
+    CFM loss with the backends ``auto`` picks on CUDA (Triton statistics; the inverse:
+    with ``graphs``, the default on CUDA, in float64 on cuSOLVER, else the CUDA extension
+    below LARGE_WIDTH and cuSOLVER above), the SRe2L BN loss fused to one read forward and
+    one read + one write backward (its ideal), and the kernel launch gaps of a replayed
+    CUDA graph."""
     model = getattr(torchvision.models, arch)()
     title = {"resnet18": "ResNet-18", "resnet50": "ResNet-50"}[arch]
     layers = teacher_layers(model, image, batch, dtype)
@@ -55,13 +60,18 @@ def full_step(image: int, batch: int, dtype: str, arch: str = "resnet18") -> lis
         widths.setdefault(d, []).append((n, d, h, w))
     for (n, d, h, w) in sorted(set(sites.values())):
         count = sum(1 for v in sites.values() if v == (n, d, h, w))
-        for name, fn in (("site_stats fwd (Triton)", site_stats_fwd), ("site_stats bwd (Triton)", site_stats_bwd)):
+        for name, fn, kernels in (("site_stats fwd (Triton)", site_stats_fwd, 2), ("site_stats bwd (Triton)", site_stats_bwd, 1)):
             r = fn(n, d, h, w, dtype)
-            add("cfm", f"{name} {n}x{d}x{h}x{w} ×{count}", count * r["flops"], count * r["bytes"], 2 * count)
-            rows[-1]["predicted_us"] = count * r["predicted_us"]
+            rows.append({"part": "cfm", "name": f"{name} {n}x{d}x{h}x{w} ×{count}", "kernels": kernels * count,
+                         **{k: count * r[k] for k in ("flops", "bytes", "t_compute_us", "t_memory_us", "predicted_us")},
+                         "bound": r["bound"]})
     ds = [v[1] for v in sites.values()]
-    for label, model_fn, group in (("batched (CUDA)", inverse_model, [d for d in ds if d < LARGE_WIDTH]),
-                                   ("cuSOLVER (torch)", cusolver_model, [d for d in ds if d >= LARGE_WIDTH])):
+    if graphs:  # inside a capture every fp32 inverse is promoted to float64: the torch backend (cuSOLVER)
+        groups = (("float64, cuSOLVER (torch), per width", lambda g: cusolver_model(g, "fp64"), ds),)
+    else:
+        groups = (("batched (CUDA)", inverse_model, [d for d in ds if d < LARGE_WIDTH]),
+                  ("cuSOLVER (torch)", cusolver_model, [d for d in ds if d >= LARGE_WIDTH]))
+    for label, model_fn, group in groups:
         if group:
             inv = model_fn(group)
             add("cfm", f"inverse fwd, {label}, {len(group)} sites", inv["flops"], inv["bytes"], inv["launches"])

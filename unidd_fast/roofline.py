@@ -12,7 +12,7 @@ import math
 import torch
 import torchvision
 
-PEAK = {"bf16": 989e12, "tf32": 495e12, "fp32": 67e12}  # H100 SXM dense FLOP/s
+PEAK = {"bf16": 989e12, "tf32": 495e12, "fp32": 67e12, "fp64": 67e12}  # H100 SXM dense FLOP/s (fp64: tensor cores)
 HBM = 3.35e12  # bytes/s
 ELEM = {"bf16": 2, "fp32": 4}
 LAUNCH_GAP_S = 1.0e-6  # ASSUMPTION: gap between two kernels of a replayed CUDA graph
