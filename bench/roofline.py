@@ -23,7 +23,8 @@ import torchvision
 from common import prediction_args, report
 from sites import cifar_resnet18, site_shapes
 from unidd_fast.kernels.triton.reg_inverse import BLOCK as CHOL_B
-from unidd_fast.kernels.triton.site_stats import BLOCK_R, block_d, dot_precision, grad_precision, num_chunks
+from unidd_fast.kernels.triton.site_stats import (BLOCK_R, REDUCE_BLOCK, block_d, dot_precision, grad_precision,
+                                                  num_chunks, reduce_group)
 from unidd_fast.roofline import ELEM, HBM, PEAK, term
 
 TORCH_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
@@ -56,9 +57,10 @@ def site_stats_fwd(n, d, h, w, dtype):
     every map of these geometries that needs them, d ≥ 128, is ≤ 40 MB), Gram on tensor cores
     over the I ≤ J tile pairs, padded rows included, at the occupancy of the launcher's grid,
     with the kernel's dot precision (3xTF32 for every feature dtype: three TF32 products);
-    partial Grams (chunks·d²) written by it, then read back by the finalize kernel, whose
-    nb² programs (a few for d ≤ 512: the compile report flags them LOW) get their share of
-    the SMs' bandwidth, as a grid's occupancy scales its peak throughout this model."""
+    partial Grams (chunks·(d² + d)) written by it, summed in two fixed-order levels: the reduce
+    kernel (groups of ⌈√chunks⌉ rows) and the finalize over the group sums, each kernel at its
+    grid's share of the bandwidth (the finalize's nb² programs are a few for d ≤ 512: the
+    compile report flags them LOW), as a grid's occupancy scales its peak throughout this model."""
     bd = block_d(d)
     nb = math.ceil(d / bd)
     pairs = nb * (nb + 1) // 2
@@ -66,13 +68,21 @@ def site_stats_fwd(n, d, h, w, dtype):
     rows_padded = n * math.ceil(h * w / BLOCK_R) * BLOCK_R
     passes, peak = PRECISION[dot_precision(TORCH_DTYPES[dtype])]
     flops = 2 * rows_padded * bd * bd * pairs * passes
-    partials = chunks * d * d * 4
-    nbytes = n * h * w * d * ELEM[dtype] + partials + n * d * 4
+    row = (d * d + d) * 4
+    nbytes = n * h * w * d * ELEM[dtype] + chunks * row + n * d * 4
     r = term(flops, peak * min(1.0, chunks * pairs / SMS), nbytes)
-    finalize_s = (partials + d * d * 4) / (HBM * min(1.0, nb * nb / SMS))
-    r["bytes"] += partials + d * d * 4
-    r["t_memory_us"] += finalize_s * 1e6
-    r["predicted_us"] += finalize_s * 1e6
+    group = reduce_group(chunks)
+    groups = math.ceil(chunks / group)
+    sum_bytes = sum_s = 0.0
+    if group < chunks:  # reduce kernel: reads every partial, writes the group sums
+        reduce_programs = groups * math.ceil((d * d + d) / REDUCE_BLOCK)
+        sum_bytes += (chunks + groups) * row
+        sum_s += (chunks + groups) * row / (HBM * min(1.0, reduce_programs / SMS))
+    sum_bytes += groups * row + d * d * 4  # finalize: the group sums in, Ψ out
+    sum_s += (groups * row + d * d * 4) / (HBM * min(1.0, nb * nb / SMS))
+    r["bytes"] += sum_bytes
+    r["t_memory_us"] += sum_s * 1e6
+    r["predicted_us"] += sum_s * 1e6
     r["bound"] = "compute" if r["t_compute_us"] > r["t_memory_us"] else "memory"
     r["programs"] = chunks * pairs
     return r

@@ -142,7 +142,7 @@ def imagenet_sites(arch: str, image: int = IMAGENET_IMAGE) -> tuple[list[tuple],
     return list(dict.fromkeys(sites)), dict(sorted(Counter(d for d, _, _ in sites).items()))
 
 
-def imagenet_cases(sms: int, archs=IMAGENET_ARCHS, batches=IMAGENET_BATCHES, dtypes=("bfloat16", "float32"),
+def imagenet_cases(archs=IMAGENET_ARCHS, batches=IMAGENET_BATCHES, dtypes=("bfloat16", "float32"),
                    layouts=("channels_last", "NCHW")):
     """(label, kind, args) of every launch set of ImageNet recover: kind "stats" with
     (n, d, h, w, dtype, memory format, chunks), kind "inverse" with (k, d, dtype, β)."""
@@ -159,7 +159,7 @@ def imagenet_cases(sms: int, archs=IMAGENET_ARCHS, batches=IMAGENET_BATCHES, dty
                     continue
                 for n in batches:
                     for d, h, w in shapes:
-                        chunks = num_chunks(n, d, n * h * w, elem, sms)
+                        chunks = num_chunks(n, d, n * h * w, elem)
                         yield (f"{arch} n={n} {str(dtype)[6:]} {d}x{h}x{w} {layout}", "stats",
                                (n, d, h, w, dtype, fmt, chunks))
         for d, k in widths.items():
@@ -320,7 +320,7 @@ def cuda_launches(cases, compiled: list[dict], arch: int, sms: int) -> list[dict
     by_name = {r["kernel"]: r for r in compiled if r["ok"]}
     records = []
     with tempfile.TemporaryDirectory(prefix="unidd_emu_") as tmp:
-        recorder = LaunchRecorder(build_emulator(tmp), sms)
+        recorder = LaunchRecorder(build_emulator(tmp))
         for label, kind, args in cases:
             if kind == "stats":
                 n, d, h, w, dtype, fmt, _ = args
@@ -425,9 +425,9 @@ def main(argv=None) -> int:
         argv = sys.argv[1:] if argv is None else list(argv)
         return subprocess.run([sys.executable, "-m", "unidd_fast.kernels.compile_report", *argv], env=env).returncode
     if args.imagenet:
-        cases = list(imagenet_cases(args.sms))
+        cases = list(imagenet_cases())
     else:  # what a default ImageNet ResNet-18 run at class-batch 100 launches
-        cases = list(imagenet_cases(args.sms, ("resnet18",), (100,), ("bfloat16",), ("channels_last",)))
+        cases = list(imagenet_cases(("resnet18",), (100,), ("bfloat16",), ("channels_last",)))
     examples = (e for g in (site_stats_examples(), reg_inverse_examples(), case_examples(cases)) for e in g)
     compiled, launches = triton_report(arch, examples, args.sms)
     if not args.skip_cuda:

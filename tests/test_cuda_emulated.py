@@ -174,18 +174,18 @@ def test_kernels_write_inside_their_buffers(K, gen):
 
 def test_launch_recorder_reads_the_grids_and_leaves_the_kernels_running(K, gen):
     """LaunchRecorder (compile report) runs the launchers' host code on meta tensors: the
-    forward's Gram grid is (lower tile pairs, the chunks ``stats_chunks`` gives for its SM
-    count); the inverse's launch count is 2·⌈d/tile⌉ + 2. Recording is on only during its
-    calls: the emulated kernels sharing the library still compute afterwards."""
+    forward's Gram grid is (lower tile pairs, the chunks ``stats_chunks`` plans); the
+    inverse's launch count is 2·⌈d/tile⌉ + 2. Recording is on only during its calls: the
+    emulated kernels sharing the library still compute afterwards."""
     from unidd_fast.kernels.cuda.emulator import LaunchRecorder
 
-    rec = LaunchRecorder(K.lib._name, sms=132)  # the same loaded library as K
+    rec = LaunchRecorder(K.lib._name)  # the same loaded library as K
     feat = torch.empty(500, 130, 14, 14, dtype=torch.bfloat16, device="meta", memory_format=torch.channels_last)
     cuda_ops.site_stats_cuda(feat, kernels=rec)
     launches = rec.launches()
-    assert [name for name, _, _ in launches] == ["gram_kernel<T>", "vec_kernel<T>", "psi_kernel"]
+    assert [name for name, _, _ in launches] == ["gram_kernel<T>", "mean_kernel<T>", "pooled_kernel<T>", "psi_kernel"]
     tiles = -(-130 // 64)
-    assert launches[0][1] == (tiles * (tiles + 1) // 2, K.stats_chunks(500, 130, 196, 132), 1)
+    assert launches[0][1] == (tiles * (tiles + 1) // 2, K.stats_chunks(500, 130, 196), 1)
     assert rec.launches() == []
     cuda_ops.regularized_inverse_cuda(torch.empty(4, 200, 200, device="meta"), 0.1, check=False, kernels=rec)
     nt = -(-200 // K.INVERSE_TILE)

@@ -89,7 +89,7 @@ def test_imagenet_sites_come_from_the_torchvision_models():
 
 
 def test_imagenet_matrix_covers_batches_dtypes_layouts_and_float64_inverses():
-    cases = list(aot.imagenet_cases(132, ("resnet18",)))
+    cases = list(aot.imagenet_cases(("resnet18",)))
     stats = [args for _, kind, args in cases if kind == "stats"]
     assert {a[0] for a in stats} == set(aot.IMAGENET_BATCHES)
     assert {a[4] for a in stats} == {torch.bfloat16, torch.float32}
@@ -98,10 +98,6 @@ def test_imagenet_matrix_covers_batches_dtypes_layouts_and_float64_inverses():
     inverses = [args for _, kind, args in cases if kind == "inverse"]
     assert {(a[0], a[1], a[2]) for a in inverses} == {(5, d, t) for d in (64, 128, 256, 512)
                                                       for t in (torch.float32, torch.float64)}
-    # the chunk count follows the SM count passed in
-    few = {a[:4]: a[6] for _, kind, a in aot.imagenet_cases(8, ("resnet18",), (500,)) if kind == "stats"}
-    many = {a[:4]: a[6] for _, kind, a in aot.imagenet_cases(132, ("resnet18",), (500,)) if kind == "stats"}
-    assert any(many[k] > few[k] for k in few)
 
 
 def test_blocks_per_sm_follow_the_occupancy_rules():

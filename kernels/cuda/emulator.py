@@ -113,17 +113,15 @@ class EmulatedKernels:
 class LaunchRecorder(EmulatedKernels):
     """The interface of ``unidd_fast._cuda`` on ``meta`` tensors: each call runs the launchers'
     host code of ``csrc/`` (the CPU build) with kernel launches recorded instead of run, so
-    the grids a GPU with ``sms`` streaming multiprocessors gets can be read at any size
-    without memory or data. The SM count the host code of ``cuda/ops.py`` passes (that of the
-    tensors' device) is replaced by ``sms``. ``launches()`` returns and clears the record:
-    [(kernel, (grid x, y, z), (block x, y, z))]. Recording is on only during a call, so an
+    the grids a GPU gets (the launch plans depend on the shapes only) can be read at any size
+    without memory or data. ``launches()`` returns and clears the record: [(kernel,
+    (grid x, y, z), (block x, y, z))]. Recording is on only during a call, so an
     ``EmulatedKernels`` sharing the library still runs its kernels."""
 
     device_type = "meta"
 
-    def __init__(self, lib_path: Path | str, sms: int):
+    def __init__(self, lib_path: Path | str):
         super().__init__(lib_path)
-        self.sms = sms
         self.lib.unidd_emu_record.argtypes = [ctypes.c_int]
         self.lib.unidd_emu_record_at.argtypes = [ctypes.c_int, ctypes.POINTER(ctypes.c_uint)]
         self.lib.unidd_emu_record_at.restype = ctypes.c_char_p
@@ -147,20 +145,17 @@ class LaunchRecorder(EmulatedKernels):
     def _map(self, x, n, d, hw, sn, sc, sp) -> _FeatureMap:
         return _FeatureMap(ctypes.addressof(self._dummy), _DTYPE_CODES[x.dtype], n, d, hw, sn, sc, sp)
 
-    def stats_chunks(self, n, d, hw, num_sms) -> int:
-        return super().stats_chunks(n, d, hw, self.sms)
-
-    def stats_forward(self, x, n, d, hw, sn, sc, sp, num_sms, *buffers) -> None:
+    def stats_forward(self, x, n, d, hw, sn, sc, sp, *buffers) -> None:
         fmap = self._map(x, n, d, hw, sn, sc, sp)
-        self._recorded(lambda: self.lib.unidd_stats_forward(fmap, self.sms, *self._buffers(buffers), None),
-                       "stats_forward")
+        self._recorded(lambda: self.lib.unidd_stats_forward(fmap, *self._buffers(buffers), None), "stats_forward")
 
     def stats_backward(self, x, n, d, hw, sn, sc, sp, *buffers) -> None:
         fmap = self._map(x, n, d, hw, sn, sc, sp)
         self._recorded(lambda: self.lib.unidd_stats_backward(fmap, *self._buffers(buffers), None), "stats_backward")
 
     def inverse(self, a, out, work_offsets, info_offsets, beta, work, info) -> None:
-        groups = (_InvGroup * len(a))(*(_InvGroup(ctypes.addressof(self._dummy), ctypes.addressof(self._dummy), wo, ai.shape[0], ai.shape[-1], io)
+        buf = ctypes.addressof(self._dummy)
+        groups = (_InvGroup * len(a))(*(_InvGroup(buf, buf, wo, ai.shape[0], ai.shape[-1], io)
                                         for ai, wo, io in zip(a, work_offsets, info_offsets)))
         self._recorded(lambda: self.lib.unidd_inverse(groups, len(a), *self._buffers((beta, work, info)), None), "inverse")
 
