@@ -416,9 +416,11 @@ def main(argv=None) -> int:
                         "H100 SXM, H200)")
     parser.add_argument("--all-launches", action="store_true", help="print every launch, not only the LOW ones")
     args = parser.parse_args(argv)
-    arch = parse_target(args.target)
+    if not re.fullmatch(r"sm_\d+a?", args.target):
+        parser.error(f"--target must look like sm_90 or sm_80, got {args.target!r}")
     if args.sms < 1:
-        raise SystemExit(f"--sms must be a positive SM count, got {args.sms}")
+        parser.error(f"--sms must be a positive SM count (132 on an H100 SXM), got {args.sms}")
+    arch = parse_target(args.target)
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         # the interpreter replaces @triton.jit at import: compile in a fresh process without it
         env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}

@@ -115,3 +115,11 @@ def test_the_target_reaches_the_cuda_part(monkeypatch):
     monkeypatch.setattr(nvcc, "compile_report", lambda arches: seen.append(arches) or [])
     aot.cuda_compiled("sm_80")
     assert seen == [("sm_80",)]
+
+
+@pytest.mark.parametrize("argv,message", [(["--sms", "0"], "--sms must be a positive SM count"),
+                                          (["--target", "hopper"], "--target must look like sm_90")])
+def test_bad_arguments_exit_2_with_one_line(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        aot.main(argv)
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
