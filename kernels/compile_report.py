@@ -6,7 +6,7 @@
 The Triton launchers run on representative inputs (every dtype, layout, β kind and width
 class they accept, the float64 β pointer of graph-safe mode, a single-chunk finalize;
 ``--imagenet``: every launch of ImageNet recover at 224 px, ResNet-18 and ResNet-50 sites
-(found by hooking the torchvision models, ``doctor.site_inputs``), class-batch n in
+(found by hooking the torchvision models, ``opcheck.site_inputs``), class-batch n in
 {100, 200, 500, 1000}, bf16 and fp32, NCHW and channels_last, the inverse of every width
 group in fp32 and float64) inside ``launch.recording()``, so the exact signature, constexprs and
 integer/alignment specialisations they would launch are recorded, de-duplicated and compiled
@@ -136,7 +136,7 @@ def imagenet_sites(arch: str, image: int = IMAGENET_IMAGE) -> tuple[list[tuple],
     the number of sites per width (one batched inverse per width, as CFMLoss groups them)."""
     from collections import Counter
 
-    from unidd_fast.doctor import site_inputs
+    from unidd_fast.opcheck import site_inputs
 
     sites = [s[1:] for s in site_inputs(arch, image, 1)]
     return list(dict.fromkeys(sites)), dict(sorted(Counter(d for d, _, _ in sites).items()))

@@ -158,7 +158,7 @@ def test_the_backend_check_caps_the_batch_and_keeps_each_site_s_shape(monkeypatc
 
     _faults.install(monkeypatch, broken=False)
     checked = []
-    monkeypatch.setattr(preflight.doctor, "run", lambda device, shapes, **kw: checked.append(shapes) or {"results": []})
+    monkeypatch.setattr(preflight.opcheck, "check_ops", lambda device, shapes, *a, **kw: checked.append(shapes) or [])
     model = build_model("convnet", 3, 16, channels=3, width=6, depth=3).eval()
     sites = [s[1:] for s in preflight.teacher_shapes(model, (3, 16, 16), 1, "bn", "cpu")]
     assert len(sites) == 3
@@ -177,7 +177,7 @@ def test_the_capped_batch_takes_the_kernels_reduction_paths_of_a_full_batch(arch
 
     import triton
 
-    from unidd_fast.doctor import site_shapes
+    from unidd_fast.opcheck import site_shapes
     from unidd_fast.kernels.triton.site_stats import num_chunks, reduce_group
 
     def triton_path(n, d, hw, size):

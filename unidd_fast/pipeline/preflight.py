@@ -6,7 +6,7 @@ the run, with a warning naming what failed (``log``, and the stage's ``"fallback
 - ``check_backends``: the ops a backend other than torch would compute (always on CUDA under
   ``auto``; on the CPU only when a kernel backend is named), one call each at the teacher's
   own site shapes (d, h, w) with ``checked_batch`` images against float64
-  (``unidd_fast.doctor``); a failing backend hands the run to the torch backend. ``recover``
+  (``unidd_fast.opcheck``); a failing backend hands the run to the torch backend. ``recover``
   checks every fused op, ``stats`` its site statistics.
 - ``check_step_features``: the fast features of the recover step the run uses (CUDA graphs,
   capturable Adam, bf16 autocast, channels_last), a few steps each against the eager fp32
@@ -23,7 +23,7 @@ import functools
 import torch
 from torch import nn
 
-from .. import distributed, doctor
+from .. import distributed, opcheck
 from ..errors import ConfigError, UniddError
 from ..kernels import registry
 from ..sites import SiteHooks
@@ -116,10 +116,10 @@ def check_backends(model: nn.Module, image_shape: tuple, batch: int, device, bac
         chosen.discard("torch")
         if not chosen:
             return []
-        report = doctor.run(device, shapes=shapes, repeats=1, backends=sorted(chosen), dtypes=[torch.float32],
-                            ops=ops, step_features=False, memory_format=memory_format)
+        results = opcheck.check_ops(device, shapes, [torch.float32], repeats=1, backends=sorted(chosen), ops=ops,
+                                    memory_format=memory_format)
         return [{"feature": f"backend {row['backend']} for {row['op']}", "failure": row["failure"],
-                 "fallback": "backend torch"} for row in report["results"] if not row["passed"]]
+                 "fallback": "backend torch"} for row in results if not row["passed"]]
 
     fallbacks = agree(local)
     return ("torch" if fallbacks else backend), fall_back(fallbacks, strict, log)

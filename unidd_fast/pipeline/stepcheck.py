@@ -39,7 +39,7 @@ from typing import Callable
 
 import torch
 
-from ..doctor import relative_error, worst
+from ..opcheck import relative_error, worst
 from ..errors import UniddError
 from .config import RecoverConfig
 from .step import RecoverEngine, StepOptions

@@ -1,0 +1,164 @@
+"""The fused ops checked against a float64 reference: every available backend of every op, at
+given site shapes, with median times (``unidd-fast doctor`` and the run pre-flight use it).
+
+Ops checked (each per backend that runs on the device and dtype):
+  site_stats            Ψ (d,d), μ (d,), pooled (n,d) of a feature map (n,d,h,w)
+  site_stats_grad       dX of random gradients of the three statistics
+  regularized_inverse   (Ψ + βI)^-1 of the site's Ψ
+  regularized_inverse_grad  dΨ of a random upstream gradient
+  cfm_site_loss         statistics → FLC → CFM filter + signal losses of the site, value and dX
+The reference is the torch backend on float64 copies of the same inputs; errors are relative
+Frobenius norms, the worst over the sites; times are medians, summed over the sites.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+
+
+OPS = ("site_stats", "site_stats_grad", "regularized_inverse", "regularized_inverse_grad", "cfm_site_loss")
+TOLERANCE = {torch.float32: 1e-3, torch.bfloat16: 3e-2}  # relative, against float64
+BETA = 0.1
+CLASSES = 4  # targets of the FLC in cfm_site_loss
+
+
+def site_inputs(arch: str, image_size: int, batch: int) -> list[tuple[int, int, int, int]]:
+    """(n, d, h, w) input of every BatchNorm site of the teacher ``arch`` (torchvision's
+    ResNet with the small-image stem at <= 64 px), in hook order, for ``batch`` images."""
+    from .pipeline.models import build_model
+    from .sites import SiteHooks
+
+    model = build_model(arch, num_classes=10, image_size=image_size).eval()
+    shapes: list = []
+    with SiteHooks(model, "bn", lambda name, x: shapes.append(tuple(x.shape))), torch.no_grad():
+        model(torch.zeros(1, 3, image_size, image_size))
+    return [(batch,) + s[1:] for s in shapes]
+
+
+def site_shapes(arch: str, image_size: int, batch: int) -> list[tuple[int, int, int, int]]:
+    """Distinct (n, d, h, w) inputs of the teacher's BatchNorm sites for a batch of ``batch`` images."""
+    return list(dict.fromkeys(site_inputs(arch, image_size, batch)))
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
+    """‖got − want‖ / ‖want‖ (Frobenius, float64; NaN when got is not finite)."""
+    got, want = got.detach().double(), want.detach().double()
+    scale = float(want.norm())
+    return float((got - want).norm()) / (scale if scale > 0 else 1.0)
+
+
+def worst(errors) -> float:
+    """The largest of ``errors``, NaN if any is NaN (``max`` would skip a NaN after the first)."""
+    errors = list(errors)
+    return float("nan") if any(e != e for e in errors) else max(errors)
+
+
+def timed(fn, device, repeats: int):
+    """(result of the first call, median seconds over ``repeats`` calls)."""
+    times, result = [], None
+    for _ in range(repeats):
+        sync(device)
+        start = time.perf_counter()
+        out = fn()
+        sync(device)
+        times.append(time.perf_counter() - start)
+        result = out if result is None else result
+    return result, statistics.median(times)
+
+
+def _cases(shape, dtype, device, gen, memory_format=torch.contiguous_format):
+    """The op functions of one site shape: op -> f(backend) returning a tuple of tensors; the
+    feature maps in ``memory_format``."""
+    from . import ops
+    from .site_loss import cfm_site_loss
+
+    n, d, h, w = shape
+    feat = (torch.randn(shape, generator=gen, dtype=torch.float64) * 1.5 + 0.3).to(device)
+    feat = feat.contiguous(memory_format=memory_format)
+    g_psi, g_mu, g_pooled = (torch.randn(s, generator=gen, dtype=torch.float64).to(device) for s in ((d, d), (d,), (n, d)))
+    targets = torch.randint(0, CLASSES, (n,), generator=gen).to(device)
+    psi_real, _, pooled_real = ops.site_stats(torch.randn(shape, generator=gen, dtype=torch.float64).to(device), "torch")
+    sig_real = ops.flc(pooled_real, targets, CLASSES)
+    g_inv = torch.randn((d, d), generator=gen, dtype=torch.float64).to(device)
+
+    def cast(t):
+        return t.to(dtype) if dtype != torch.float64 or t.dtype == torch.float64 else t
+
+    def stats(backend, x=None):
+        return tuple(ops.site_stats(cast(feat) if x is None else x, backend))
+
+    def stats_grad(backend):
+        x = cast(feat).requires_grad_(True)
+        psi, mu, pooled = ops.site_stats(x, backend)
+        acc = psi.dtype
+        torch.autograd.backward((psi, mu, pooled), (g_psi.to(acc), g_mu.to(acc), g_pooled.to(acc)))
+        return (x.grad,)
+
+    psi_in = ops.site_stats(feat, "torch")[0]
+
+    def inverse(backend):
+        return (ops.regularized_inverse(cast(psi_in) if dtype != torch.bfloat16 else psi_in.float(), BETA, backend),)
+
+    def inverse_grad(backend):
+        A = (psi_in.float() if dtype != torch.float64 else psi_in).clone().requires_grad_(True)
+        ops.regularized_inverse(A, BETA, backend).backward(g_inv.to(A.dtype))
+        return (A.grad,)
+
+    def loss(backend):
+        x = cast(feat).requires_grad_(True)
+        psi, _, pooled = ops.site_stats(x, backend)
+        acc = psi.dtype
+        f, s = cfm_site_loss(psi_real.to(acc), sig_real.to(acc), psi, ops.flc(pooled, targets, CLASSES), BETA, backend)
+        (f + s).backward()
+        return f.detach(), s.detach(), x.grad
+
+    return {"site_stats": stats, "site_stats_grad": stats_grad, "regularized_inverse": inverse,
+            "regularized_inverse_grad": inverse_grad, "cfm_site_loss": loss}
+
+
+def check_ops(device, shapes, dtypes, repeats=3, seed=0, backends=None, progress=None, ops=OPS,
+              memory_format=torch.contiguous_format) -> list[dict]:
+    """Check every (op, backend, dtype) at the (n, d, h, w) ``shapes``: a list of rows {op,
+    backend, dtype, passed, error, tolerance, median_s, failure}. ``backends`` limits the
+    backends checked (default: every one that runs on ``device``); ``memory_format`` is that of
+    the feature maps (a teacher in channels_last hands its sites channels_last maps);
+    ``progress`` is called with each row."""
+    from .kernels import registry
+
+    device = torch.device(device)
+    results = []
+    for dtype in dtypes:
+        for op in ops:
+            backends = [name for name, b in registry.BACKENDS.items()
+                        if b.available() and b.devices(device) and b.supports(device, dtype)
+                        and (backends is None or name in backends)]
+            for backend in backends:
+                row = {"op": op, "backend": backend, "dtype": str(dtype).replace("torch.", ""),
+                       "tolerance": TOLERANCE[dtype], "error": 0.0, "median_s": 0.0, "passed": True, "failure": None}
+                for shape in shapes:
+                    gen = torch.Generator().manual_seed(seed)
+                    cases = _cases(shape, dtype, device, gen, memory_format)
+                    ref_gen = torch.Generator().manual_seed(seed)
+                    ref_cases = _cases(shape, torch.float64, device, ref_gen)
+                    try:
+                        got, seconds = timed(lambda: cases[op](backend), device, repeats)
+                        want = ref_cases[op]("torch")
+                        error = worst(relative_error(g, w) for g, w in zip(got, want))
+                    except Exception as exc:  # a backend that raises fails the check, it does not stop it
+                        row.update(passed=False, error=None, failure=f"{shape}: {type(exc).__name__}: {exc}")
+                        break
+                    row["median_s"] += seconds
+                    row["error"] = worst([row["error"], error])
+                    if not error <= TOLERANCE[dtype]:
+                        row.update(passed=False, failure=f"{shape}: relative error {error:.3g}")
+                results.append(row)
+                if progress is not None:
+                    progress(row)
+    return results
