@@ -193,3 +193,56 @@ def test_fast_composite_gradcheck(channels_last, gen):
         assert torch.autograd.gradcheck(lambda x: composite.site_stats(x)[i], (feat,))
     big = (feat.detach() * 0.01 + 50).requires_grad_(True)  # takes the centred branch
     assert torch.autograd.gradcheck(lambda x: composite.site_stats(x)[0], (big,))
+
+
+# d ≤ 2·h·w: NCHW batched Gram; d > 2·h·w: NCHW row copy; h = w = 1 and d = 1: both layouts at once
+LAYOUT_SHAPES = [(3, 5, 4, 3), (2, 8, 2, 2), (2, 9, 2, 2), (1, 40, 3, 2), (4, 9, 1, 3), (5, 13, 1, 1), (3, 1, 4, 5)]
+
+
+def _in_layout(feat, layout):
+    if layout == "channels_last":
+        return feat.contiguous(memory_format=torch.channels_last)
+    if layout == "strided":  # neither layout: every other column of a wider map
+        return torch.cat([feat, feat], 3)[..., ::2]
+    return feat
+
+
+@pytest.mark.parametrize("shape", LAYOUT_SHAPES)
+@pytest.mark.parametrize("layout", ["NCHW", "channels_last", "strided"])
+@pytest.mark.parametrize("offset", [0.5, 40.0])  # 40: μ²/σ² > 64, the centred formula
+def test_composite_forward_backward_match_reference_in_every_layout(shape, layout, offset, gen):
+    """The torch backend reads NCHW and channels_last maps in place; its gradient comes back
+    in the input's memory format, from the composite itself (no re-layout in the op)."""
+    from unidd_fast import reference
+    from unidd_fast.kernels import composite
+
+    feat = _in_layout(torch.randn(shape, generator=gen, dtype=torch.float64) + offset, layout)
+    assert feat.is_contiguous(memory_format=torch.channels_last) == (layout == "channels_last") or \
+        shape[1] == 1 or shape[2:] == (1, 1)
+    want = reference.site_stats(feat)
+    got = composite.site_stats(feat)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-10)
+    n, d = shape[:2]
+    cot = (torch.randn(d, d, generator=gen, dtype=torch.float64), torch.randn(d, generator=gen, dtype=torch.float64),
+           torch.randn(n, d, generator=gen, dtype=torch.float64))
+    leaf = feat.detach().requires_grad_(True)
+    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    for keep in ((0, 1, 2), (0,), (1, 2)):  # unused outputs get None
+        grad = composite.site_stats_grad(feat, got[1], *[c if i in keep else None for i, c in enumerate(cot)])
+        outputs = reference.site_stats(leaf)
+        expect = torch.autograd.grad([outputs[i] for i in keep], leaf, [cot[i] for i in keep])[0]
+        torch.testing.assert_close(grad, expect, rtol=1e-10, atol=1e-10)
+        assert grad.is_contiguous(memory_format=fmt)
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 3, 2), (2, 7, 1, 3)])  # batched Gram / row copy for NCHW
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_site_stats_op_gradient_follows_the_input_layout(shape, channels_last, gen):
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    feat = (torch.randn(shape, generator=gen, dtype=torch.float64) + 0.3).contiguous(memory_format=fmt)
+    feat.requires_grad_(True)
+    psi, mu, pooled = uf.site_stats(feat, backend="torch")
+    (psi.square().sum() + mu.sum() + pooled.sin().sum()).backward()
+    assert feat.grad.is_contiguous(memory_format=fmt)
+    assert torch.autograd.gradcheck(lambda x: uf.site_stats(x, backend="torch"), (feat,))
