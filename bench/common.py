@@ -42,10 +42,11 @@ def median_ms(fn, device="cpu", warmup: int = 2, repeat: int = 7) -> dict:
     return {"median_ms": statistics.median(times), "min_ms": min(times), "max_ms": max(times), "repeat": repeat}
 
 
-def interleaved_ms(fns: dict, device="cpu", warmup: int = 1, repeat: int = 5) -> dict:
+def interleaved_times(fns: dict, device="cpu", warmup: int = 1, repeat: int = 5) -> dict:
     """Time several functions round-robin (one run of each per round, ``repeat`` rounds after
     ``warmup``), so that a change of machine load hits all of them alike: on a shared CPU only
-    ratios measured this way are comparable. Returns name -> median_ms / min_ms / max_ms."""
+    ratios measured this way are comparable. Returns name -> the ``repeat`` times in ms, in
+    round order (round i of every function ran back to back)."""
     for _ in range(warmup):
         for fn in fns.values():
             fn()
@@ -57,6 +58,12 @@ def interleaved_ms(fns: dict, device="cpu", warmup: int = 1, repeat: int = 5) ->
             fn()
             sync(device)
             times[name].append((time.perf_counter() - start) * 1e3)
+    return times
+
+
+def interleaved_ms(fns: dict, device="cpu", warmup: int = 1, repeat: int = 5) -> dict:
+    """``interleaved_times`` summarised: name -> median_ms / min_ms / max_ms / repeat."""
+    times = interleaved_times(fns, device, warmup, repeat)
     return {name: {"median_ms": statistics.median(t), "min_ms": min(t), "max_ms": max(t), "repeat": repeat}
             for name, t in times.items()}
 
