@@ -15,8 +15,8 @@ CANCELLATION_LIMIT = 64.0
 
 # NCHW input: the Gram as n per-sample products X_i X_iᵀ (i = one sample's (d, h·w) view) summed,
 # while their n·d² partial sums cost less than the permuted copy of the n·d·h·w map; beyond
-# d = 2·h·w (measured on the CPU: equal at d = 4·h·w, the copy 2–8× cheaper at d ≥ 8·h·w,
-# bench/RESULTS.md "NCHW site statistics") the (n·h·w, d) row copy and one GEMM are cheaper.
+# d = 2·h·w the (n·h·w, d) row copy and one GEMM are cheaper (CPU, bench/bench_nchw_gram.py:
+# the batched Gram 1.4–1.6× faster at d ≤ h·w/2, equal at d = 4·h·w, 1.5–11× slower at d ≥ 8·h·w).
 BATCHED_GRAM_MAX_RATIO = 2
 
 
