@@ -14,9 +14,10 @@ CANCELLATION_LIMIT = 64.0
 
 
 # NCHW input: the Gram as n per-sample products X_i X_iᵀ (i = one sample's (d, h·w) view) summed,
-# while their n·d² partial sums cost less than the permuted copy of the n·d·h·w map; beyond
-# d = 2·h·w the (n·h·w, d) row copy and one GEMM are cheaper (CPU, bench/bench_nchw_gram.py:
-# the batched Gram 1.4–1.6× faster at d ≤ h·w/2, equal at d = 4·h·w, 1.5–11× slower at d ≥ 8·h·w).
+# while their n·d² partial sums cost less than a copy of the n·d·h·w map; beyond d = 2·h·w the
+# channel-major (d, n·h·w) copy (contiguous runs of h·w values, cheaper than the transposing row
+# copy) and one GEMM are cheaper (CPU, bench/bench_nchw_gram.py: the batched Gram 1.4–1.6× faster
+# at d ≤ h·w/2, 1.5–11× slower at d ≥ 4·h·w).
 BATCHED_GRAM_MAX_RATIO = 2
 
 
@@ -34,9 +35,12 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
 def _gram(x: torch.Tensor) -> torch.Tensor:
     """Σ over the n·h·w rows r of r rᵀ (d, d) of x (n, d, h, w), read in its own layout."""
     n, d, h, w = x.shape
-    if _row_view(x) or d > BATCHED_GRAM_MAX_RATIO * h * w:
+    if _row_view(x):
         rows = _rows(x)
         return rows.T @ rows
+    if d > BATCHED_GRAM_MAX_RATIO * h * w:
+        columns = x.transpose(0, 1).reshape(d, n * h * w)  # a copy: NCHW has no (d, n·h·w) view
+        return columns @ columns.T
     per_sample = x.reshape(n, d, h * w)  # a view for NCHW input
     return torch.bmm(per_sample, per_sample.mT).sum(0)
 
@@ -102,7 +106,8 @@ def site_stats(feat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Te
 
     Reads the feature map in its own layout, without a permuted copy: one GEMM on the rows (a
     view for channels_last input), or for NCHW input one batched GEMM over the samples'
-    (d, h·w) views (the row copy where d > BATCHED_GRAM_MAX_RATIO·h·w makes it cheaper); μ
+    (d, h·w) views (the channel-major copy and one GEMM where d > BATCHED_GRAM_MAX_RATIO·h·w
+    makes it cheaper); μ
     follows from the pooled means; the centred formula is used when μ²/σ² would cost accuracy.
     The backward is one (batched) GEMM too, and its gradient has the input's memory format.
     """

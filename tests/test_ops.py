@@ -195,7 +195,7 @@ def test_fast_composite_gradcheck(channels_last, gen):
     assert torch.autograd.gradcheck(lambda x: composite.site_stats(x)[0], (big,))
 
 
-# d ≤ 2·h·w: NCHW batched Gram; d > 2·h·w: NCHW row copy; h = w = 1 and d = 1: both layouts at once
+# d ≤ 2·h·w: NCHW batched Gram; d > 2·h·w: NCHW channel-major copy; h = w = 1 and d = 1: both layouts at once
 LAYOUT_SHAPES = [(3, 5, 4, 3), (2, 8, 2, 2), (2, 9, 2, 2), (1, 40, 3, 2), (4, 9, 1, 3), (5, 13, 1, 1), (3, 1, 4, 5)]
 
 
@@ -236,7 +236,7 @@ def test_composite_forward_backward_match_reference_in_every_layout(shape, layou
         assert grad.is_contiguous(memory_format=fmt)
 
 
-@pytest.mark.parametrize("shape", [(2, 3, 3, 2), (2, 7, 1, 3)])  # batched Gram / row copy for NCHW
+@pytest.mark.parametrize("shape", [(2, 3, 3, 2), (2, 7, 1, 3)])  # batched Gram / channel-major copy for NCHW
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_site_stats_op_gradient_follows_the_input_layout(shape, channels_last, gen):
     fmt = torch.channels_last if channels_last else torch.contiguous_format
