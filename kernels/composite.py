@@ -16,8 +16,8 @@ CANCELLATION_LIMIT = 64.0
 # NCHW input: the Gram as n per-sample products X_i X_iᵀ (i = one sample's (d, h·w) view) summed,
 # while their n·d² partial sums cost less than a copy of the n·d·h·w map; beyond d = 2·h·w the
 # channel-major (d, n·h·w) copy (contiguous runs of h·w values, cheaper than the transposing row
-# copy) and one GEMM are cheaper (CPU, bench/bench_nchw_gram.py: the batched Gram 1.4–1.6× faster
-# at d ≤ h·w/2, 1.5–11× slower at d ≥ 4·h·w).
+# copy) and one GEMM are cheaper (CPU, bench/bench_nchw_gram.py: the batched Gram 1.07–1.25× faster
+# at d ≤ h·w/2; the copy 1.06–1.2× faster at d = 4·h·w, 1.4–7.7× at d ≥ 8·h·w).
 BATCHED_GRAM_MAX_RATIO = 2
 
 
