@@ -90,20 +90,8 @@ def check_cholesky_info(info: torch.Tensor, beta, names=None) -> None:
         )
 
 
-# From this width on, the symmetric second product of inverse_backward computes three of its
-# four d/2 blocks (3/4 of the d³ multiply-adds) and mirrors the fourth; below, one GEMM is cheaper.
-SYMMETRIC_PRODUCT_MIN_WIDTH = 256
-
-
 def inverse_backward(inv: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
     """Gradient of Y = (A + βI)^-1 for symmetric A (..., d, d): dA = −Y sym(G) Y
-    (docs/math.md#regularised-inverse-backward). The result is symmetric: for d ≥
-    SYMMETRIC_PRODUCT_MIN_WIDTH its upper-right block is the transposed lower-left one."""
-    left = inv @ torch.add(grad, grad.transpose(-1, -2)).mul_(-0.5)  # Y (−sym G)
-    d = inv.shape[-1]
-    if d < SYMMETRIC_PRODUCT_MIN_WIDTH:
-        return left @ inv
-    h = d // 2
-    top = left[..., :h, :] @ inv  # rows [0, h): both blocks
-    bottom_right = left[..., h:, :] @ inv[..., :, h:]
-    return torch.cat([top, torch.cat([top[..., :, h:].transpose(-1, -2), bottom_right], -1)], -2)
+    (docs/math.md#regularised-inverse-backward)."""
+    sym = 0.5 * (grad + grad.transpose(-1, -2))
+    return -(inv @ sym @ inv)
