@@ -7,7 +7,9 @@ Each set and each evaluation is cached under ``--cache`` by a hash of what deter
 so the baselines are recovered and evaluated once per evaluation recipe and reused by every
 CFM variant. Prints how far recovery moved CFM's images from the real ones it started
 from, and one markdown row (what changed, the six numbers, seeds, command) and
-appends the numbers to ``<cache>/quality.jsonl``.
+appends the numbers to ``<cache>/quality.jsonl``. ``--tv W`` adds a total-variation prior
+to CFM's loss; ``--init confident|hard`` starts CFM (and the random real baseline, which
+is its starting images) from real images the teacher is most / least sure of.
 
     python bench/quality.py --dataset digits --teacher T --stats S --label "β 1" --set cfm:recover.beta=1
     python bench/quality.py --report CACHE     # the table of every experiment so far
@@ -24,10 +26,10 @@ import time
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 
 from unidd_fast.pipeline import config as config_mod
 from unidd_fast.pipeline.datasets import prepare_data
+from unidd_fast.pipeline.distilled import read_set
 from unidd_fast.pipeline.evaluate import evaluate_set
 from unidd_fast.pipeline.models import load_teacher
 from unidd_fast.pipeline import recover
@@ -58,6 +60,29 @@ class WithTotalVariation:
 
     def __getattr__(self, name):
         return getattr(self.inner, name)
+
+
+def ranked_picks(teacher, data, device, part: str, fraction: float = 0.25):
+    """A ``pick_real`` replacement: the same seeded draw of distinct images per class, but
+    only among the ``fraction`` of each class the teacher is most ("confident") or least
+    ("hard") sure of, by its softmax probability of the true label on the unaugmented image."""
+    teacher.eval()
+    with torch.no_grad():
+        index = torch.arange(len(data.train_labels))
+        prob = torch.cat([teacher(data.train_images(chunk).to(device)).softmax(1).cpu()
+                          for chunk in index.split(256)])[index, data.train_labels]
+
+    def pick(train_labels, num_classes, ipc, generator):
+        picks = []
+        for c in range(num_classes):
+            members = torch.nonzero(train_labels == c).flatten()
+            keep = max(ipc, round(fraction * members.numel()))
+            order = prob[members].argsort(descending=part == "confident")
+            pool = members[order[:keep]]
+            picks.append(pool[torch.randperm(pool.numel(), generator=generator)[:ipc]])
+        return torch.stack(picks, 1)
+
+    return pick
 
 
 def _key(*parts) -> str:
@@ -104,6 +129,9 @@ def main(argv=None) -> int:
     p.add_argument("--label", default="default")
     p.add_argument("--methods", default="cfm,sre2l,random-real")
     p.add_argument("--tv", type=float, default=0.0, help="CFM only: weight of a total-variation prior")
+    p.add_argument("--init", choices=("random", "confident", "hard"), default="random",
+                   help="real images to start from: random (the default), or drawn from the quarter of each "
+                        "class the teacher is most / least sure of (applies to random-real and cfm alike)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="[cfm:]KEY=VALUE")
     args = p.parse_args(argv)
     base = config_mod.defaults(args.dataset)
@@ -128,6 +156,8 @@ def main(argv=None) -> int:
     teacher, spec = load_teacher(args.teacher, device)
     teacher.requires_grad_(False)
     stats = RealStats.load(args.stats, device)
+    if args.init != "random":
+        recover.pick_real = ranked_picks(teacher, data, device, args.init)
     cache = Path(args.cache)
     ipcs = [int(s) for s in args.ipc.split(",")]
     seeds = [int(s) for s in args.seeds.split(",")]
@@ -141,8 +171,9 @@ def main(argv=None) -> int:
         for ipc in ipcs:
             for seed in seeds:
                 tv = args.tv if method == "cfm" else 0.0
+                init = args.init if method != "sre2l" and args.init != "random" else None
                 rkey = _key(args.dataset, str(Path(args.teacher).resolve()), cfg.to_dict()["data"],
-                            cfg.to_dict()["recover"], ipc, seed, *([tv] if tv else []))
+                            cfg.to_dict()["recover"], ipc, seed, *([tv] if tv else []), *([init] if init else []))
                 root = cache / "sets" / rkey
                 record = recover_one(cfg, data, teacher, stats if cfg.recover.loss == "cfm" else None, root, ipc,
                                      seed, device)
@@ -170,8 +201,8 @@ def main(argv=None) -> int:
     for (method, ipc, seed), path in paths.items():
         start = paths.get(("random-real", ipc, seed))
         if method == "cfm" and start:
-            moved = load_file(path)["images"] - load_file(start)["images"]
-            drift[f"ipc{ipc}_seed{seed}"] = round(float(moved.abs().mean()), 4)
+            moved = read_set(path)[0].float() - read_set(start)[0].float()
+            drift[f"ipc{ipc}_seed{seed}"] = round(float(moved.abs().mean()) / 255, 4)
     if drift:
         print(f"cfm drift mean |x - x0|: {drift}", file=sys.stderr, flush=True)
     command = "bench/quality.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
@@ -179,7 +210,8 @@ def main(argv=None) -> int:
     print("| " + " | ".join(row + [args.seeds, f"`{command}`"]) + " |")
     cache.mkdir(parents=True, exist_ok=True)
     with open(cache / "quality.jsonl", "a") as handle:
-        handle.write(json.dumps({"dataset": args.dataset, "label": args.label, "overrides": args.overrides + ([f"--tv {args.tv}"] if args.tv else []),
+        handle.write(json.dumps({"dataset": args.dataset, "label": args.label, "overrides": args.overrides + ([f"--tv {args.tv}"] if args.tv else [])
+                                 + ([f"--init {args.init}"] if args.init != "random" else []),
                                  "results": [[m, i, s, a] for (m, i, s), a in table.items()], "drift": drift,
                                  "seconds": round(time.perf_counter() - started, 1)}) + "\n")
     return 0
