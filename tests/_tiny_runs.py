@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -49,3 +50,20 @@ def torchrun_command(*argv: str, nproc: int = 2) -> list[str]:
 def torchrun(*argv: str, nproc: int = 2, timeout: float = 240) -> subprocess.CompletedProcess:
     return subprocess.run(torchrun_command(*argv, nproc=nproc), env=env(), capture_output=True, text=True,
                           timeout=timeout, cwd=ROOT)
+
+
+def alive(pid: int) -> bool:
+    """Whether process ``pid`` exists and is not a zombie (a zombie writes and holds nothing)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def wait_until(condition, what: str, timeout: float = 120) -> None:
+    """Poll ``condition()`` until it holds; fail naming ``what`` after ``timeout`` seconds (a
+    deadline for a hung process, far beyond any loaded machine's delay, not a timing assumption)."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out after {timeout} s waiting for {what}"
+        time.sleep(0.005)

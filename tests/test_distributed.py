@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from torch.utils.data import DataLoader
 
 import _dist_worker as w
 import unidd_fast as uf
@@ -104,6 +105,8 @@ def test_single_process_helpers(monkeypatch):
     sharded = ud.shard_loader(w.loader(torch.float32), 1, 2)
     assert len(sharded.dataset) == w.N_IMAGES and list(sharded.sampler) == list(range(1, w.N_IMAGES, 2))
     assert ud.shard_loader(sharded) is sharded
+    init = DataLoader(w.dataset(torch.float32), batch_size=5, num_workers=1, worker_init_fn=print)
+    assert ud.shard_loader(init, 0, 2).worker_init_fn is print  # e.g. the pipeline's die_with_parent
     with pytest.raises(ConfigError, match="DataLoader"):
         ud.shard_loader([(torch.zeros(1), torch.zeros(1))], 0, 2)
     with pytest.raises(ConfigError, match="outside"):

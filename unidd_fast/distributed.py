@@ -147,7 +147,7 @@ class ShardSampler(Sampler[int]):
 
 def shard_loader(loader, rank: int | None = None, world_size: int | None = None) -> DataLoader:
     """This rank's shard of a DataLoader (a ShardSampler, same dataset, batch size, workers,
-    collate function), in the dataset's order. A loader already sharded by a ShardSampler or
+    worker_init_fn, collate function), in the dataset's order. A loader already sharded by a ShardSampler or
     DistributedSampler is returned as it is; other iterables cannot be split safely."""
     if rank is None or world_size is None:
         here = info()
@@ -162,6 +162,7 @@ def shard_loader(loader, rank: int | None = None, world_size: int | None = None)
     return DataLoader(loader.dataset, batch_size=loader.batch_size,
                       sampler=ShardSampler(len(loader.dataset), rank, world_size),
                       num_workers=loader.num_workers, collate_fn=loader.collate_fn,
+                      worker_init_fn=loader.worker_init_fn,
                       pin_memory=loader.pin_memory, drop_last=loader.drop_last,
                       persistent_workers=loader.persistent_workers if loader.num_workers else False)
 

@@ -19,10 +19,13 @@ augmentation: training augmentation is applied to whole batches on the device
 from __future__ import annotations
 
 import codecs
+import ctypes
 import functools
 import math
 import os
 import pickle
+import signal
+import sys
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -128,6 +131,31 @@ def resolve_workers(workers: int) -> int:
     return max(1, min(share, MAX_WORKERS))
 
 
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def die_with_parent(parent: int, worker_id: int) -> None:
+    """DataLoader ``worker_init_fn`` (bound to the pid of the process that makes the loader):
+    on Linux, the kernel SIGKILLs this worker the moment that process's creating thread dies,
+    so an out-of-memory kill of a run leaves no orphaned workers (torch's own watchdog only
+    notices between items, every few seconds). A parent that died before the prctl call has
+    already made this worker an orphan (its parent pid changed): then it exits at once."""
+    if not sys.platform.startswith("linux"):
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed in a DataLoader worker")
+    if os.getppid() != parent:
+        os._exit(1)
+
+
+def data_loader(dataset: Dataset, workers: int, **kwargs) -> DataLoader:
+    """Every DataLoader of the pipeline: ``workers`` worker processes that die with this
+    process (``die_with_parent``); ``kwargs`` go to DataLoader."""
+    return DataLoader(dataset, num_workers=workers,
+                      worker_init_fn=functools.partial(die_with_parent, os.getpid()) if workers else None, **kwargs)
+
+
 class RankBatches(Sampler[list[int]]):
     """Batch sampler: the global batches of one pass (a permutation drawn from ``generator``
     when ``shuffle``, the same on every rank), of which this rank yields rows
@@ -167,8 +195,8 @@ class Batches:
         self.sampler = RankBatches(len(dataset), self.batch_size, shuffle, generator, drop_last, *part)
         self.loader = None
         if not isinstance(dataset, TensorImages):
-            self.loader = DataLoader(dataset, batch_sampler=self.sampler, num_workers=workers,
-                                     persistent_workers=workers > 0, pin_memory=self.device.type == "cuda")
+            self.loader = data_loader(dataset, workers, batch_sampler=self.sampler, persistent_workers=workers > 0,
+                                      pin_memory=self.device.type == "cuda")
 
     def __len__(self) -> int:
         return len(self.sampler)

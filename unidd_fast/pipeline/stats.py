@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import Subset
 
 from .. import distributed
 from ..errors import ConfigError
@@ -25,7 +25,7 @@ from ..real_stats import MomentAccumulator, RealStats, atomic_write, collect_rea
 from . import preflight
 from .checks import check_teacher
 from .config import Config
-from .datasets import dataset_fingerprint, prepare_data, resolve_workers
+from .datasets import data_loader, dataset_fingerprint, prepare_data, resolve_workers
 from .models import load_teacher, weights_sha256
 from .rundir import RunDir
 from .train import setup_device
@@ -89,8 +89,8 @@ def run(cfg: Config, out: RunDir, teacher_path, batch_size: int = 256, chunk_bat
     began, first, total = time.monotonic(), position, len(data.train)
     for start in range(position, total, chunk):
         part = Subset(data.train, range(start, min(start + chunk, len(data.train))))
-        loader = DataLoader(part, batch_size=batch_size, num_workers=resolve_workers(cfg.data.workers),
-                            pin_memory=device.type == "cuda")
+        loader = data_loader(part, resolve_workers(cfg.data.workers), batch_size=batch_size,
+                             pin_memory=device.type == "cuda")
         got = collect_real_stats(teacher, loader, data.num_classes, sites=cfg.recover.sites, device=device,
                                  distributed=here.world_size > 1, backend=backend)
         for name in got.sites:
