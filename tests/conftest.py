@@ -25,3 +25,12 @@ def _restore_threads():
     threads = torch.get_num_threads()
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def tiny_runs(tmp_path_factory):
+    """(squeeze, stats) run directories of ``_tiny_runs.squeeze_and_stats``, made once per
+    session and shared by the resume and torchrun tests, which only read them."""
+    from _tiny_runs import squeeze_and_stats
+
+    return squeeze_and_stats(tmp_path_factory.mktemp("tiny"))

@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from _tiny_runs import TINY, squeeze_and_stats
+from _tiny_runs import TINY
 from unidd_fast import RealStats, collect_real_stats
 from unidd_fast.cli import main
 from unidd_fast.pipeline import config, stats
@@ -23,10 +23,9 @@ class Crash(Exception):
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    root = tmp_path_factory.mktemp("resume")
-    sq, st = squeeze_and_stats(root)
-    return {"root": root, "sq": sq, "st": st}
+def runs(tmp_path_factory, tiny_runs):
+    sq, st = tiny_runs
+    return {"root": tmp_path_factory.mktemp("resume"), "sq": sq, "st": st}
 
 
 

@@ -11,18 +11,18 @@ against the same stage in one process.
   rank's BatchNorm sees half a batch (SyncBatchNorm has no CPU implementation), so the
   accuracy agrees closely, not exactly.
 """
+import contextlib
 import json
 import os
 import re
 import signal
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from _tiny_runs import ROOT, env, squeeze_and_stats, torchrun, torchrun_command
+from _tiny_runs import ROOT, alive, env, torchrun, torchrun_command, wait_until
 from unidd_fast import RealStats
 from unidd_fast.cli import main
 from unidd_fast.pipeline.distilled import INDEX_FILE, read_set
@@ -33,10 +33,9 @@ RECOVER = ["--ipc", "3", "--seeds", "0", "--set", "recover.batch_size=5", "--ite
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    root = tmp_path_factory.mktemp("torchrun")
-    sq, st = squeeze_and_stats(root)
-    return {"root": root, "sq": sq, "st": st}
+def runs(tmp_path_factory, tiny_runs):
+    sq, st = tiny_runs
+    return {"root": tmp_path_factory.mktemp("torchrun"), "sq": sq, "st": st}
 
 
 
@@ -96,32 +95,26 @@ def _children(pid: int) -> list[int]:
             for c in Path(f"/proc/{pid}/task/{t}/children").read_text().split()]
 
 
-def _alive(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
-
-
 def test_recover_two_ranks_killed_and_resumed_is_bit_identical(runs):
     reference = two_rank_recover(runs, True)
     out = runs["root"] / "rc2_killed"
     argv = ["recover", "--from", str(runs["st"]), "--out", str(out), *RECOVER, "--set", "recover.emu=True"]
+    # its own process group: torchrun and both workers are killed by one signal, as by a scheduler
     proc = subprocess.Popen(torchrun_command(*argv), env=env(), cwd=ROOT, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+                            stderr=subprocess.DEVNULL, start_new_session=True)
     # wait for the state asserted below: both ranks have checkpointed their first round
     checkpoints = [out / "checkpoints" / f"recover_rank{r}.safetensors" for r in (0, 1)]
-    deadline = time.monotonic() + 120
-    while not all(c.exists() for c in checkpoints):
-        assert proc.poll() is None and time.monotonic() < deadline
-        time.sleep(0.002)
+
+    def started():
+        assert proc.poll() is None or (out / INDEX_FILE).exists(), "torchrun ended before both ranks checkpointed"
+        return all(c.exists() for c in checkpoints) or (out / INDEX_FILE).exists()
+
+    wait_until(started, "both ranks' first checkpoints")
     workers = _children(proc.pid)
-    for pid in workers + [proc.pid]:  # the two workers, then torchrun itself
-        os.kill(pid, signal.SIGKILL)
+    with contextlib.suppress(ProcessLookupError):  # (no process left if the run had ended)
+        os.killpg(proc.pid, signal.SIGKILL)  # at any instant from here on, up to after the end of the run
     proc.wait()
-    for pid in workers:  # gone (or a zombie): nothing more is written
-        while _alive(pid):
-            time.sleep(0.01)
+    wait_until(lambda: not any(alive(pid) for pid in workers), "the killed workers (nothing more is written)")
     finished = (out / INDEX_FILE).exists()  # only if the kill came after the last round
     assert finished or len(list((out / "checkpoints").glob("recover_rank*.safetensors"))) == 2
 
