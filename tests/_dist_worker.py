@@ -46,33 +46,35 @@ def class_batch(item):
 
 def main(out: Path) -> None:
     here = ud.init("cpu")
-    assert here.world_size == 2 and here.backend == "gloo", here
-    for dtype in (torch.float64, torch.float32):
-        stats = uf.collect_real_stats(teacher(dtype), loader(dtype), C, distributed=True)
-        stats.save(out / f"stats_{str(dtype)[6:]}_rank{here.rank}.safetensors")
-    (out / f"shard_rank{here.rank}.json").write_text(json.dumps(list(ud.ShardSampler(N_IMAGES, here.rank, 2))))
+    try:
+        assert here.world_size == 2 and here.backend == "gloo", here
+        for dtype in (torch.float64, torch.float32):
+            stats = uf.collect_real_stats(teacher(dtype), loader(dtype), C, distributed=True)
+            stats.save(out / f"stats_{str(dtype)[6:]}_rank{here.rank}.safetensors")
+        (out / f"shard_rank{here.rank}.json").write_text(json.dumps(list(ud.ShardSampler(N_IMAGES, here.rank, 2))))
 
-    stats = uf.RealStats.load(out / f"stats_float64_rank{here.rank}.safetensors")
-    model = teacher(torch.float64)
-    cfm = uf.CFMLoss(model, stats, beta=0.2, backend="torch")
-    hooks_model = teacher(torch.float64)
-    hooks = sre2l.cfm_hooks(hooks_model, stats, beta=0.2, state=sre2l.CFMState(), backend="torch")
-    items = ud.shard_rounds(N_CLASS_BATCHES)
-    for item in items:
-        if item is not None:
-            x, y = class_batch(item)
-            model(x)
-            cfm(y)
-            hooks.set_targets(y)
-            hooks_model(x)
-            sum(h.r_feature for h in hooks)
-        ud.merge_emu(cfm)
-        ud.merge_emu(hooks)
-    hooks.close()
-    save_file(cfm.state_dict(), str(out / f"emu_rank{here.rank}.safetensors"))
-    save_file(hooks.state.tensors, str(out / f"emu_hooks_rank{here.rank}.safetensors"))
-    (out / f"items_rank{here.rank}.json").write_text(json.dumps(items))
-    ud.shutdown()
+        stats = uf.RealStats.load(out / f"stats_float64_rank{here.rank}.safetensors")
+        model = teacher(torch.float64)
+        cfm = uf.CFMLoss(model, stats, beta=0.2, backend="torch")
+        hooks_model = teacher(torch.float64)
+        hooks = sre2l.cfm_hooks(hooks_model, stats, beta=0.2, state=sre2l.CFMState(), backend="torch")
+        items = ud.shard_rounds(N_CLASS_BATCHES)
+        for item in items:
+            if item is not None:
+                x, y = class_batch(item)
+                model(x)
+                cfm(y)
+                hooks.set_targets(y)
+                hooks_model(x)
+                sum(h.r_feature for h in hooks)
+            ud.merge_emu(cfm)
+            ud.merge_emu(hooks)
+        hooks.close()
+        save_file(cfm.state_dict(), str(out / f"emu_rank{here.rank}.safetensors"))
+        save_file(hooks.state.tensors, str(out / f"emu_hooks_rank{here.rank}.safetensors"))
+        (out / f"items_rank{here.rank}.json").write_text(json.dumps(items))
+    finally:  # also when a check fails: a process group left to the interpreter's exit may abort it
+        ud.shutdown()
 
 
 if __name__ == "__main__":

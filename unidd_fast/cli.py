@@ -198,13 +198,15 @@ def run_stage(args) -> int:
     _check_inputs(args, inputs)
     out_path = Path(args.out or Path("runs") / command)
     here = _join_torchrun(cfg, command)
-    if here.is_main:
-        checks.check_writable(out_path)
-    out = RunDir(out_path, quiet=args.quiet, force=args.force)
     try:
-        _run(command, cfg, out, inputs, args)
-    finally:
-        out.unlock()
+        if here.is_main:
+            checks.check_writable(out_path)
+        out = RunDir(out_path, quiet=args.quiet, force=args.force)
+        try:
+            _run(command, cfg, out, inputs, args)
+        finally:
+            out.unlock()
+    finally:  # on every way out: a process group left to the interpreter's exit may abort it
         distributed.shutdown()
     if here.is_main:
         print(f"wrote {out.path}", flush=True)
