@@ -60,7 +60,7 @@ def alive(pid: int) -> bool:
         return False
 
 
-def wait_until(condition, what: str, timeout: float = 120) -> None:
+def wait_until(condition, what: str, timeout: float = 600) -> None:
     """Poll ``condition()`` until it holds; fail naming ``what`` after ``timeout`` seconds (a
     deadline for a hung process, far beyond any loaded machine's delay, not a timing assumption)."""
     deadline = time.monotonic() + timeout
