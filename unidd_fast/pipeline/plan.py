@@ -194,7 +194,7 @@ class Probe:
         evaluate's KD labels)."""
         model = self.student.train()
         opt = torch.optim.SGD(model.parameters(), lr=1e-3)
-        x, y = self.images(self.batch), self.labels(self.batch)
+        x = self.images(self.batch)
 
         def step():
             target = self.teacher(x) if teacher_forward else None

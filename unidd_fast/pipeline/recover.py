@@ -238,10 +238,8 @@ def recover_one(cfg: Config, data: Data, model: nn.Module, stats: RealStats | No
                     (f" ce {float(ce):.4f} reg {float(reg):.4f}" if rc.iterations > 0 else "") +
                     (f" (rank 0; class-batches ..{finished[0]} are finished)" if here.world_size > 1 else ""))
 
-        fold = None
-        if here.world_size > 1 and isinstance(regularizer, CFMLoss):
-            def fold():
-                distributed.merge_emu(regularizer)
+        merge = here.world_size > 1 and isinstance(regularizer, CFMLoss)
+        fold = (lambda: distributed.merge_emu(regularizer)) if merge else None
         lo, hi = pixel_bounds(data.mean, data.std, device)
         augment = make_augment("recover", rc.crop_min, rc.shift, cfg.data.flip, rc.jitter)
         recover_set(model, regularizer, plan, init, rc, ipc, augment, make_generator(device, seed), lo, hi,
