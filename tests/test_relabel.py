@@ -67,3 +67,23 @@ def test_stored_labels_replay_online_kd(gen, tmp_path):
     with pytest.raises(ConfigError, match="not a readable labels file"):
         batches.set_epoch(1)
     assert record(teacher, distilled, cfg.evaluate, True, device, 3, tmp_path / "set000", topk=0) == 1  # rewritten
+
+
+def test_evaluate_does_not_depend_on_a_teacher_left_channels_last(gen):
+    """A recover run in the same process leaves the teacher channels_last (RecoverEngine),
+    whose CPU convolutions round differently. Evaluate's student must come out the same as
+    with a freshly loaded (NCHW) teacher."""
+    cfg, distilled, _ = setup(gen, cutmix=0.0)
+    config.set_value(cfg, "evaluate.temperature", 1.0)  # at T = 20 the targets' last bits divide away
+    torch.manual_seed(1)
+    teacher = build_model("convnet", C, 16, channels=1, width=32, depth=3).eval().requires_grad_(False)
+    device = torch.device("cpu")
+    fresh, after_recover = student(), student()
+    train_student(fresh, teacher, distilled, cfg, device, 3)
+    x = distilled.batch(torch.arange(8))[0]
+    nchw = teacher(x)
+    teacher.to(memory_format=torch.channels_last)
+    assert not torch.equal(teacher(x), nchw)  # the layout shows in the KD targets
+    train_student(after_recover, teacher, distilled, cfg, device, 3)
+    for a, b in zip(fresh.state_dict().values(), after_recover.state_dict().values()):
+        assert torch.equal(a, b)

@@ -31,7 +31,7 @@ from .datasets import Batches, Data, TensorImages, prepare_data, resolve_workers
 from .distilled import INDEX_FILE, ImageFiles, find_images
 from .models import build_model, load_teacher
 from .rundir import RunDir, write_json
-from .train import accuracy, fit, lr_at, make_generator, make_optimizer, seeded, setup_device
+from .train import accuracy, fit, kd_teacher, lr_at, make_generator, make_optimizer, seeded, setup_device
 
 IN_MEMORY_BYTES = 2**31  # stored labels need the set in memory (uint8): at most this many bytes
 
@@ -100,7 +100,7 @@ def train_student(student: nn.Module, teacher: nn.Module, distilled, cfg: Config
             model = nn.SyncBatchNorm.convert_sync_batchnorm(student)
         ids = [torch.cuda.current_device()] if device.type == "cuda" else None  # init() set this rank's GPU
         model = nn.parallel.DistributedDataParallel(model, device_ids=ids)
-    teacher.eval()
+    kd_teacher(teacher)
     if labels is not None:
         from .labels import StoredLabelBatches, kd_topk_loss
 

@@ -31,7 +31,7 @@ from ..real_stats import atomic_write
 from .augment import apply_cutmix, cutmix_boxes, make_augment, warp
 from .config import EvalConfig
 from .datasets import TensorImages
-from .train import make_generator
+from .train import kd_teacher, make_generator
 
 LABELS_FORMAT = "unidd_fast.relabel/1"
 
@@ -90,10 +90,10 @@ def record(teacher, distilled: TensorImages, ev: EvalConfig, flip: bool, device,
            topk: int, desc: str = "relabel") -> int:
     """Write ``folder/epoch{e:04d}.safetensors`` for every evaluation epoch; epochs already
     written for the same set and settings are kept (resume). Returns the number written."""
+    kd_teacher(teacher)
     num_classes = teacher(distilled.batch(torch.arange(1))[0].to(device)).shape[1]
     k = num_classes if topk <= 0 else min(topk, num_classes)
     recipe = _recipe(ev, flip, seed, len(distilled), k, fingerprint(distilled))
-    teacher.eval()
     written = 0
     for epoch, batches in enumerate(progress(_draws(distilled, ev, flip, device, seed, ev.epochs), desc=desc,
                                              total=ev.epochs)):

@@ -36,6 +36,14 @@ def make_generator(device: torch.device, seed: int) -> torch.Generator:
     return torch.Generator(device=device).manual_seed(int(seed))
 
 
+def kd_teacher(teacher: nn.Module) -> nn.Module:
+    """``teacher`` in eval mode and in the contiguous (NCHW) layout that evaluate and relabel
+    compute their KD targets in. A recover run in the same process leaves the teacher
+    channels_last (``RecoverEngine``), whose CPU convolutions round differently: without this
+    an evaluation's result would depend on what ran before it in the process."""
+    return teacher.eval().to(memory_format=torch.contiguous_format)
+
+
 @contextlib.contextmanager
 def seeded(seed: int):
     """Run a block with the global RNGs seeded and restored afterwards (for the weight
