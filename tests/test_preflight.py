@@ -39,6 +39,25 @@ def test_check_backends_on_a_model(faulty):
     assert backend == "torch" and [f["feature"] for f in fallbacks] == ["backend faulty for site_stats"]
 
 
+def test_a_bf16_run_checks_its_backend_on_bf16_maps(monkeypatch, tmp_path):
+    _faults.install(monkeypatch, bf16_only=True)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 5, 3), torch.nn.BatchNorm2d(5)).eval()
+    assert preflight.feature_dtypes("fp32") == (torch.float32,)
+    assert preflight.check_backends(model, (3, 6, 6), 2, "cpu", "faulty") == ("faulty", [])  # fp32 maps are right
+    backend, fallbacks = preflight.check_backends(model, (3, 6, 6), 2, "cpu", "faulty",
+                                                  dtypes=preflight.feature_dtypes("bf16"))
+    assert backend == "torch" and [f["feature"] for f in fallbacks] == ["backend faulty for site_stats on bfloat16 maps"]
+    # recover passes the run's precision on
+    _, st = squeeze_and_stats(tmp_path)
+    common = ["recover", "--from", str(st), "--quiet", "--ipc", "1", "--seeds", "0", "--iterations", "2",
+              "--set", "recover.backend=faulty"]
+    for precision, fell_back in (("fp32", False), ("bf16", True)):
+        out = tmp_path / precision
+        assert main(common + ["--out", str(out), "--set", f"recover.precision={precision}"]) == 0
+        features = [f["feature"] for f in json.loads((out / "results.json").read_text())["fallbacks"]]
+        assert ("backend faulty for site_stats on bfloat16 maps" in features) == fell_back
+
+
 def test_recover_falls_back_with_a_warning_and_strict_refuses(faulty, tmp_path, capsys):
     _, st = squeeze_and_stats(tmp_path)
     common = ["recover", "--from", str(st), "--quiet", "--ipc", "1", "--seeds", "0", "--iterations", "2"]

@@ -52,6 +52,13 @@ def teacher_shapes(model: nn.Module, image_shape: tuple, batch: int, sites: str,
     return list(dict.fromkeys(shapes))
 
 
+def feature_dtypes(precision: str) -> tuple:
+    """Dtypes of the feature maps the fused ops see in a recover step of ``precision``
+    (``StepOptions.precision``): bf16 autocast hands them bf16 maps; the backend check also
+    covers float32, which the step falls back to."""
+    return (torch.float32, torch.bfloat16) if precision == "bf16" else (torch.float32,)
+
+
 def checked_batch(batch: int) -> int:
     """Images per site of the backend check for a run computing ``batch`` at once."""
     return min(batch, PREFLIGHT_BATCH)
@@ -101,25 +108,27 @@ def fall_back(fallbacks: list[dict], strict: bool, log=None) -> list[dict]:
 
 def check_backends(model: nn.Module, image_shape: tuple, batch: int, device, backend: str, sites: str = "bn",
                    strict: bool = False, log=None, ops=tuple(REGISTRY_OPS),
-                   memory_format=torch.contiguous_format) -> tuple[str, list[dict]]:
+                   memory_format=torch.contiguous_format, dtypes=(torch.float32,)) -> tuple[str, list[dict]]:
     """(backend the run should use, fallbacks) for the doctor ``ops`` the run computes with
     ``backend`` on batches of ``batch`` images, checked on ``checked_batch(batch)`` images,
-    feature maps in ``memory_format`` (the teacher's). Each fallback is {"feature",
+    feature maps in ``memory_format`` (the teacher's) and each of ``dtypes`` (a bf16 run's
+    kernels see bf16 maps: ``feature_dtypes``). Each fallback is {"feature",
     "failure", "fallback", "ranks"}; with ``strict`` a failure raises ConfigError instead of
     falling back. Collective under torchrun (``agree``)."""
     device = torch.device(device)
 
     def local() -> list[dict]:
         shapes = teacher_shapes(model, image_shape, checked_batch(batch), sites, device)
-        chosen = {registry.resolve(REGISTRY_OPS[op], backend, device, torch.float32, width) for op in ops
-                  for width in {s[1] for s in shapes}}
+        chosen = {registry.resolve(REGISTRY_OPS[op], backend, device, dtype, width) for op in ops
+                  for width in {s[1] for s in shapes} for dtype in dtypes}
         chosen.discard("torch")
         if not chosen:
             return []
-        results = opcheck.check_ops(device, shapes, [torch.float32], repeats=1, backends=sorted(chosen), ops=ops,
+        results = opcheck.check_ops(device, shapes, list(dtypes), repeats=1, backends=sorted(chosen), ops=ops,
                                     memory_format=memory_format)
-        return [{"feature": f"backend {row['backend']} for {row['op']}", "failure": row["failure"],
-                 "fallback": "backend torch"} for row in results if not row["passed"]]
+        return [{"feature": f"backend {row['backend']} for {row['op']}" +
+                            ("" if row["dtype"] == "float32" else f" on {row['dtype']} maps"),
+                 "failure": row["failure"], "fallback": "backend torch"} for row in results if not row["passed"]]
 
     fallbacks = agree(local)
     return ("torch" if fallbacks else backend), fall_back(fallbacks, strict, log)

@@ -311,8 +311,9 @@ def run(cfg: Config, out: RunDir, teacher_path, stats_path=None, allow_stats_mis
     image_shape, classes = (data.channels, data.image_size, data.image_size), min(rc.batch_size, data.num_classes)
     if rc.loss == "cfm":
         layout = torch.channels_last if rc.channels_last else torch.contiguous_format
+        dtypes = preflight.feature_dtypes(resolve_options(rc, device).precision)
         backend, fallbacks = preflight.check_backends(model, image_shape, classes, device, rc.backend, rc.sites,
-                                                      rc.strict, out.log, memory_format=layout)
+                                                      rc.strict, out.log, memory_format=layout, dtypes=dtypes)
         rc = dataclasses.replace(rc, backend=backend)
     if rc.loss != "none":
         case = step_case(model, stats, rc, cfg.data.flip, data.mean, data.std, image_shape, classes, device)
