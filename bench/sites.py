@@ -19,11 +19,8 @@ def cifar_resnet18(num_classes: int = 100) -> nn.Module:
 
 def site_shapes(model: nn.Module, image_size: int, batch: int = 1) -> dict[str, tuple]:
     """Input shape (n, d, h, w) of every BatchNorm2d of ``model`` for ``batch`` images."""
-    shapes = {}
-    with uf.sites.SiteHooks(model, "bn", lambda name, x: shapes.__setitem__(name, (batch,) + tuple(x.shape[1:]))):
-        with torch.no_grad():
-            model(torch.zeros(1, 3, image_size, image_size))
-    return shapes
+    shapes = uf.sites.site_input_shapes(model, "bn", (3, image_size, image_size))
+    return {name: (batch,) + s for name, s in shapes.items()}
 
 
 class SiteBank(nn.Module):

@@ -179,7 +179,7 @@ def test_the_backend_check_caps_the_batch_and_keeps_each_site_s_shape(monkeypatc
     checked = []
     monkeypatch.setattr(preflight.opcheck, "check_ops", lambda device, shapes, *a, **kw: checked.append(shapes) or [])
     model = build_model("convnet", 3, 16, channels=3, width=6, depth=3).eval()
-    sites = [s[1:] for s in preflight.teacher_shapes(model, (3, 16, 16), 1, "bn", "cpu")]
+    sites = [s[1:] for s in preflight.teacher_shapes(model, (3, 16, 16), 1, "bn")]
     assert len(sites) == 3
     for batch, n in ((500, preflight.PREFLIGHT_BATCH), (7, 7)):
         assert preflight.check_backends(model, (3, 16, 16), batch, "cpu", "faulty") == ("faulty", [])

@@ -28,13 +28,10 @@ def site_inputs(arch: str, image_size: int, batch: int) -> list[tuple[int, int, 
     """(n, d, h, w) input of every BatchNorm site of the teacher ``arch`` (torchvision's
     ResNet with the small-image stem at <= 64 px), in hook order, for ``batch`` images."""
     from .pipeline.models import build_model
-    from .sites import SiteHooks
+    from .sites import site_input_shapes
 
-    model = build_model(arch, num_classes=10, image_size=image_size).eval()
-    shapes: list = []
-    with SiteHooks(model, "bn", lambda name, x: shapes.append(tuple(x.shape))), torch.no_grad():
-        model(torch.zeros(1, 3, image_size, image_size))
-    return [(batch,) + s[1:] for s in shapes]
+    model = build_model(arch, num_classes=10, image_size=image_size)
+    return [(batch,) + s for s in site_input_shapes(model, "bn", (3, image_size, image_size)).values()]
 
 
 def site_shapes(arch: str, image_size: int, batch: int) -> list[tuple[int, int, int, int]]:

@@ -75,3 +75,16 @@ class SiteHooks:
 
     def __exit__(self, *exc):
         self.remove()
+
+
+def site_input_shapes(model: nn.Module, sites, input_shape: tuple) -> dict[str, tuple]:
+    """{site name: (d, h, w)} of every site's input, in hook order, from one forward of a zero
+    image of ``input_shape`` (c, h, w) in eval mode (BatchNorm statistics untouched; the
+    model's mode is restored), in the dtype and on the device of the model's parameters."""
+    shapes: dict = {}
+    param = next(model.parameters())
+    with SiteHooks(model, sites, lambda name, feat: shapes.__setitem__(name, tuple(feat.shape[1:]))), torch.no_grad():
+        was_training = model.training
+        model.eval()(torch.zeros(1, *input_shape, dtype=param.dtype, device=param.device))
+        model.train(was_training)
+    return shapes

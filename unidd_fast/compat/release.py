@@ -24,7 +24,7 @@ from torch import nn
 
 from ..errors import StatsFileError, StatsMismatchError
 from ..real_stats import RealStats, SiteStats
-from ..sites import SiteHooks, resolve_sites, unwrap
+from ..sites import resolve_sites, site_input_shapes, unwrap
 
 FIELDS = {"psi": "running_cov", "mu": "running_mean", "phi": "running_class_mean", "phi_soft": "running_mix_mean"}
 
@@ -61,17 +61,6 @@ def _read_npz(path: Path) -> dict[str, np.ndarray]:
             return {key: npz[key] for key in FIELDS.values()}
     except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
         raise StatsFileError(f"{path} is not a readable .npz file ({exc}); fetch it again") from exc
-
-
-def _site_shapes(model: nn.Module, sites: list[str], input_shape) -> dict[str, tuple]:
-    """(d, h, w) of every site's input for one zero image of ``input_shape`` (c, h, w)."""
-    shapes = {}
-    param = next(model.parameters())
-    with SiteHooks(model, sites, lambda name, feat: shapes.__setitem__(name, tuple(feat.shape[1:]))), torch.no_grad():
-        was_training = model.training
-        model.eval()(torch.zeros(1, *input_shape, dtype=param.dtype, device=param.device))
-        model.train(was_training)
-    return shapes
 
 
 def import_release_stats(path, model: nn.Module, num_classes: int | None = None,
@@ -117,6 +106,7 @@ def import_release_stats(path, model: nn.Module, num_classes: int | None = None,
         tensors = {ours: torch.from_numpy(arrays[theirs].astype(np.float64)) for ours, theirs in FIELDS.items()}
         sites[name] = SiteStats(**tensors, count=0)
         num_classes = c
-    shapes = _site_shapes(inner, names, input_shape) if input_shape is not None else {n: (sites[n].dim,) for n in names}
+    shapes = (site_input_shapes(inner, names, input_shape) if input_shape is not None
+              else {n: (sites[n].dim,) for n in names})
     return RealStats(sites, shapes, type(inner).__name__, 0, num_classes,
                      {"source": "release_npz", "covariance": "batch_mean", "checkpoint": ckpt})

@@ -32,7 +32,7 @@ from torchvision import datasets as tvd
 from .. import roofline
 from ..errors import ConfigError
 from ..real_stats import collect_real_stats
-from ..sites import SiteHooks
+from ..sites import site_input_shapes
 from .augment import make_augment
 from .config import Config
 from .datasets import resolve_workers
@@ -148,11 +148,8 @@ class Probe:
 
     def site_shapes(self) -> list[tuple]:
         """(d, h, w) of every site of the teacher."""
-        found = []
-        with SiteHooks(self.teacher, self.cfg.recover.sites, lambda name, x: found.append(tuple(x.shape[1:]))):
-            with torch.no_grad():
-                self.teacher(self.images(1))
-        return found
+        shapes = site_input_shapes(self.teacher, self.cfg.recover.sites, (self.channels, self.side, self.side))
+        return list(shapes.values())
 
     def stats_step(self):
         """(seconds per image of the stats pass, the RealStats of a probe batch)."""

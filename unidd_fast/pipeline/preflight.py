@@ -26,7 +26,7 @@ from torch import nn
 from .. import distributed, opcheck
 from ..errors import ConfigError, UniddError
 from ..kernels import registry
-from ..sites import SiteHooks
+from ..sites import site_input_shapes
 from . import stepcheck
 from .config import RecoverConfig
 from .step import resolve_options
@@ -44,12 +44,9 @@ REGISTRY_OPS = {"site_stats": "site_stats", "site_stats_grad": "site_stats_grad"
                 "regularized_inverse": "regularized_inverse", "regularized_inverse_grad": "regularized_inverse"}
 
 
-def teacher_shapes(model: nn.Module, image_shape: tuple, batch: int, sites: str, device) -> list[tuple]:
+def teacher_shapes(model: nn.Module, image_shape: tuple, batch: int, sites: str) -> list[tuple]:
     """Distinct (n, d, h, w) site inputs of ``model`` for ``batch`` images of ``image_shape`` (C, H, W)."""
-    shapes: list = []
-    with SiteHooks(model, sites, lambda name, x: shapes.append(tuple(x.shape))), torch.no_grad():
-        model(torch.zeros(batch, *image_shape, device=device))
-    return list(dict.fromkeys(shapes))
+    return list(dict.fromkeys((batch,) + s for s in site_input_shapes(model, sites, image_shape).values()))
 
 
 def feature_dtypes(precision: str) -> tuple:
@@ -118,7 +115,7 @@ def check_backends(model: nn.Module, image_shape: tuple, batch: int, device, bac
     device = torch.device(device)
 
     def local() -> list[dict]:
-        shapes = teacher_shapes(model, image_shape, checked_batch(batch), sites, device)
+        shapes = teacher_shapes(model, image_shape, checked_batch(batch), sites)
         chosen = {registry.resolve(REGISTRY_OPS[op], backend, device, dtype, width) for op in ops
                   for width in {s[1] for s in shapes} for dtype in dtypes}
         chosen.discard("torch")
