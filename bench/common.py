@@ -12,7 +12,8 @@ from pathlib import Path
 
 import torch
 
-OUT = Path(__file__).resolve().parent / "out"
+# UNIDD_BENCH_OUT: another folder for the JSON (bench/gpu_session.py keeps a session's apart)
+OUT = Path(os.environ.get("UNIDD_BENCH_OUT") or Path(__file__).resolve().parent / "out")
 
 
 def prediction_args(doc: str, argv=None) -> argparse.Namespace:

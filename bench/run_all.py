@@ -8,7 +8,7 @@ and write (bench/out/summary.json) the three throughput targets of the recover s
 On a CPU: the three target benchmarks, the per-op microbenchmarks and the H100 roofline
 PREDICTIONS (about 6-8 minutes on 2 cores). With a CUDA device the GPU benchmarks run too.
 
-    python bench/run_all.py [--threads N] [--quick]
+    python bench/run_all.py [--threads N] [--quick] [--no-predictions]
 """
 from __future__ import annotations
 
@@ -26,7 +26,10 @@ from common import OUT, machine, report
 HERE = Path(__file__).resolve().parent
 
 
-def plan(cuda: bool, threads: int, quick: bool) -> list[tuple[str, list[str]]]:
+PREDICTIONS = ("roofline.py", "roofline_step.py", "bench_cuda_roofline.py")  # models: they time nothing
+
+
+def plan(cuda: bool, threads: int, quick: bool, predictions: bool = True) -> list[tuple[str, list[str]]]:
     t = ["--threads", str(threads)] if threads else []
     device = ["--device", "cuda"] if cuda else []
     repeat = ["--repeat", "3"] if quick else []
@@ -47,7 +50,7 @@ def plan(cuda: bool, threads: int, quick: bool) -> list[tuple[str, list[str]]]:
                  ("bench_kernels_site_stats.py", ["--geometry", "imagenet"]),
                  ("bench_kernels_reg_inverse.py", []),
                  ("bench_cuda_ops.py", [])]
-    return jobs
+    return [job for job in jobs if predictions or job[0] not in PREDICTIONS]
 
 
 def rows_of(name: str) -> list[dict]:
@@ -79,11 +82,13 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads for every benchmark (0: default)")
     parser.add_argument("--quick", action="store_true", help="fewer repeats (a smoke run, not for quoting)")
+    parser.add_argument("--no-predictions", action="store_true",
+                        help="leave out the roofline PREDICTION scripts (they measure nothing: for a short GPU session)")
     args = parser.parse_args(argv)
     cuda = torch.cuda.is_available()
     start = time.perf_counter()
     ran = []
-    for script, extra in plan(cuda, args.threads, args.quick):
+    for script, extra in plan(cuda, args.threads, args.quick, not args.no_predictions):
         print(f"\n=== {script} {' '.join(extra)}", flush=True)
         t0 = time.perf_counter()
         rc = subprocess.call([sys.executable, str(HERE / script), *extra], cwd=HERE)
