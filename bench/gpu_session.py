@@ -46,7 +46,7 @@ KILL_GRACE_S = 10
 # whether the CUDA extension is built. The class-batches are those of the step predictions
 # in bench/RESULTS.md (ResNet-18 b100, ResNet-50 b500, 224 px).
 SETTINGS = {
-    "cuda": {"budget": 500, "doctor": {"resnet18": (224, 100, None), "resnet50": (224, 500, 100)},
+    "cuda": {"budget": 480, "doctor": {"resnet18": (224, 100, None), "resnet50": (224, 500, 100)},
              "repeats": 5, "backends": "torch,triton", "build": True},
     "cpu": {"budget": 600, "doctor": {"resnet18": (32, 4, None), "resnet50": (32, 2, None)},
             "repeats": 1, "backends": "torch", "build": False},
@@ -179,7 +179,8 @@ CHECKS = [
     ("compile-report internals", "kernels/compile_report.py (unidd-fast kernels; not run here)",
      _compile_report_internals),
     ("nvtx", "unidd_fast/profiling.py (optional)", _nvtx),
-    ("offline install", "this session's pip install --no-deps --no-build-isolation -e .", _install_tools),
+    ("offline install", "pip install --no-deps --no-build-isolation -e . (where unidd_fast is not installed)",
+     _install_tools),
     ("extension build", "setup.py UNIDD_BUILD_CUDA=1", _build_tools),
 ]
 
@@ -268,7 +269,8 @@ def plan(device: str, python: str, out: Path, work: Path, budget: float | None =
     for arch, (image, batch, smaller) in settings["doctor"].items():
         step = doctor_step(python, arch, image, batch, settings, out, settings["backends"], cap=180)
         if smaller:
-            step.fallback = doctor_step(python, arch, image, smaller, settings, out, settings["backends"], cap=120)
+            step.fallback = doctor_step(python, arch, image, smaller, settings, out, settings["backends"],
+                                        f"_b{smaller}", cap=120)
         steps.append(step)
     if settings["build"]:
         for arch, (image, batch, smaller) in settings["doctor"].items():

@@ -2,7 +2,7 @@
 # The first (or any) session on a borrowed GPU, in one command (issue 11 item 6; docs/cuda.md,
 # "First GPU session"). With the device tool, from the repository root:
 #
-#     run  command: bash bench/gpu_session.sh      timeout_s: 560
+#     run  command: bash bench/gpu_session.sh      timeout_s: 540
 #
 # It needs nothing carried: the machine's python3 has torch, torchvision, triton, numpy,
 # safetensors, tqdm, scikit-learn, matplotlib and pillow; this checkout is installed there
@@ -16,7 +16,7 @@
 # and begin the command with
 #     python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site;
 #
-# Steps (bench/gpu_session.py), each under its own time limit inside a 500 s budget, most
+# Steps (bench/gpu_session.py), each under its own time limit inside a 480 s budget, most
 # valuable first: versions and API checks; the CUDA extension build (background); doctor
 # ResNet-18 224 px b100 and ResNet-50 224 px b500 (torch, triton); doctor with the cuda
 # backend; bench/run_all.py --quick. Results under $OUT: log.txt (all output), session.json,

@@ -50,7 +50,8 @@ def test_cuda_plan_order_arguments_and_returned_files(gs, tmp_path):
         assert (_arg(argv, "--device"), _arg(argv, "--image-size"), _arg(argv, "--batch"),
                 _arg(argv, "--backends")) == ("cuda", image, batch, backends)
         assert _arg(argv, "--json") == str(tmp_path / "out" / by[name].report)
-    assert by["doctor_resnet50"].fallback is not None and _arg(by["doctor_resnet50"].fallback.argv, "--batch") == "100"
+    fallback = by["doctor_resnet50"].fallback
+    assert fallback.name == "doctor_resnet50_b100" and _arg(fallback.argv, "--batch") == "100"
     assert by["doctor_resnet18_cuda"].needs == "extension" and by["doctor_resnet18"].needs == "package"
     build = by["build_extension"]
     assert build.env["UNIDD_BUILD_CUDA"] == "1" and _arg(build.argv, "--build-lib") == str(tmp_path / "work" / "ext")
@@ -60,7 +61,7 @@ def test_cuda_plan_order_arguments_and_returned_files(gs, tmp_path):
     files = gs.returned_files(steps)
     assert len(files) <= gs.MAX_FILES and len(set(files)) == len(files)
     assert all(NAME.fullmatch(f) for f in files) and "log.txt" in files
-    assert settings["budget"] + gs.RESERVE_S <= 540  # the device tool's 10-minute command, with room to spare
+    assert settings["budget"] + gs.KILL_GRACE_S + 30 <= 540  # ends inside timeout_s 540 (the command's 600 s limit)
 
 
 def test_cpu_plan_is_the_dry_run(gs, tmp_path):
@@ -172,3 +173,31 @@ def test_shell_wrapper_dry_run_of_the_probe(tmp_path):
     assert env_info["torch"] and env_info["packages"]["triton"] and env_info["gpu"] is None
     log = (out / "log.txt").read_text()
     assert "dot precisions" in log and "probe: ok" in log
+
+
+def test_background_build_then_the_steps_that_need_it(gs, tmp_path, monkeypatch):
+    root = tmp_path / "repo"
+    (root / "unidd_fast").mkdir(parents=True)
+    monkeypatch.setattr(gs, "ROOT", root)
+    monkeypatch.setattr(gs, "ensure_package", lambda python: (True, "importable (stand-in)"))
+    out = tmp_path / "out"
+    out.mkdir()
+
+    def steps(device, python, out_dir, work, budget=None):
+        so = work / "ext" / "unidd_fast" / "_cuda.test.so"
+        build = _python_step(gs, "build_extension",
+                             f"import pathlib; p = pathlib.Path({str(so)!r}); p.parent.mkdir(parents=True); "
+                             "p.write_text('built')")
+        check = f"import pathlib; assert pathlib.Path({str(root / 'unidd_fast' / '_cuda.test.so')!r}).read_text() == 'built'"
+        return {"budget": 300, "build": True}, [build, _python_step(gs, "doctor_cuda", check, needs="extension")]
+
+    monkeypatch.setattr(gs, "plan", steps)
+    assert gs.run_session("cuda", out, sys.executable, None, None) == 0
+    session = json.loads((out / "session.json").read_text())
+    assert [(r["step"], r["status"]) for r in session["steps"]] == [("build_extension", "ok"), ("doctor_cuda", "ok")]
+    assert session["extension"] == str(root / "unidd_fast" / "_cuda.test.so")
+
+    # an extension this session did not build is never overwritten
+    (root / "unidd_fast" / "_cuda.test.so").write_text("someone else's")
+    assert gs.run_session("cuda", out, sys.executable, None, None) == 1  # doctor_cuda's assertion fails
+    assert (root / "unidd_fast" / "_cuda.test.so").read_text() == "someone else's"
