@@ -6,7 +6,7 @@ limit inside one budget, so that a timeout still leaves the earlier results. Run
 GPU session", says how to call it and where its numbers go.
 
     python bench/gpu_session.py [--device cuda|cpu] [--out DIR] [--budget S] [--only STEPS]
-    python bench/gpu_session.py --probe        # versions and API checks as JSON, nothing run
+    python bench/gpu_session.py --probe [--probe-json FILE]   # versions and API checks only
 
 What comes back from the device (at most 8 files, no sub-folders): log.txt (written by the
 shell wrapper), session.json (environment, checks, every step's status and seconds), one
@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib
 import importlib.metadata
 import inspect
 import json
@@ -251,12 +250,15 @@ def doctor_step(python, arch, image, batch, settings, out: Path, backends, suffi
     argv = [python, "-m", "unidd_fast", "doctor", "--device", settings["device"], "--arch", arch,
             "--image-size", str(image), "--batch", str(batch), "--repeats", str(settings["repeats"]),
             "--backends", backends, "--json", str(out / report)]
-    return Step(name, argv, cap, report=report, needs="extension" if backends == "cuda" else "package")
+    if backends == "cuda":  # times of one backend alone would make up auto's whole measured order
+        return Step(name, argv + ["--no-cache"], cap, report=report, needs="extension")
+    return Step(name, argv, cap, report=report)
 
 
 def plan(device: str, python: str, out: Path, work: Path, budget: float | None = None) -> tuple[dict, list[Step]]:
     """(settings, steps in the order they run). The extension build is the one step that runs
-    in the background (``name == "build_extension"``), from the start, while the doctor runs."""
+    in the background (``name == "build_extension"``), from the start, while the doctor runs;
+    it comes after the install (without which every step that would use it is skipped)."""
     settings = dict(SETTINGS[device], device=device)
     if budget is not None:
         settings["budget"] = budget
@@ -265,7 +267,7 @@ def plan(device: str, python: str, out: Path, work: Path, budget: float | None =
     if settings["build"]:
         env = {"UNIDD_BUILD_CUDA": "1", "TORCH_CUDA_ARCH_LIST": "9.0a", "MAX_JOBS": "8"}
         steps.append(Step("build_extension", [python, "setup.py", "build_ext", "--build-lib", str(work / "ext"),
-                                              "--build-temp", str(work / "ext_tmp")], 300, env=env, needs=None))
+                                              "--build-temp", str(work / "ext_tmp")], 300, env=env))
     for arch, (image, batch, smaller) in settings["doctor"].items():
         step = doctor_step(python, arch, image, batch, settings, out, settings["backends"], cap=180)
         if smaller:

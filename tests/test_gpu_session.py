@@ -53,6 +53,7 @@ def test_cuda_plan_order_arguments_and_returned_files(gs, tmp_path):
     fallback = by["doctor_resnet50"].fallback
     assert fallback.name == "doctor_resnet50_b100" and _arg(fallback.argv, "--batch") == "100"
     assert by["doctor_resnet18_cuda"].needs == "extension" and by["doctor_resnet18"].needs == "package"
+    assert "--no-cache" in by["doctor_resnet18_cuda"].argv and "--no-cache" not in by["doctor_resnet18"].argv
     build = by["build_extension"]
     assert build.env["UNIDD_BUILD_CUDA"] == "1" and _arg(build.argv, "--build-lib") == str(tmp_path / "work" / "ext")
     bench = by["benchmarks"]
