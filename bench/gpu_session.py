@@ -152,10 +152,16 @@ def _install_tools():
     return ok, ", ".join(f"{k} {v}" for k, v in found.items())
 
 
+def cuda_home() -> str:
+    """$CUDA_HOME, else the toolkit of the ``nvcc`` on the PATH, else setup.py's default."""
+    nvcc = shutil.which("nvcc")
+    return os.environ.get("CUDA_HOME") or (str(Path(nvcc).resolve().parent.parent) if nvcc else "/usr/local/cuda")
+
+
 def _build_tools():
     import torch
 
-    nvcc = Path(os.environ.get("CUDA_HOME", "/usr/local/cuda")) / "bin" / "nvcc"
+    nvcc = Path(cuda_home()) / "bin" / "nvcc"
     release = None
     if nvcc.is_file():
         out = subprocess.run([str(nvcc), "--version"], capture_output=True, text=True).stdout
@@ -213,7 +219,7 @@ def probe() -> dict:
     for tool, args in (("nvcc", ["--version"]),
                        ("nvidia-smi", ["--query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm",
                                        "--format=csv,noheader"])):
-        path = shutil.which(tool) or shutil.which(tool, path="/usr/local/cuda/bin")
+        path = shutil.which(tool) or shutil.which(tool, path=str(Path(cuda_home()) / "bin"))
         try:
             info[tool] = subprocess.run([path, *args], capture_output=True, text=True, timeout=30).stdout.strip() \
                 if path else None
@@ -265,7 +271,9 @@ def plan(device: str, python: str, out: Path, work: Path, budget: float | None =
     steps = [Step("probe", [python, str(Path(__file__).resolve()), "--probe", "--probe-json", str(work / "probe.json")],
                   90, needs=None)]
     if settings["build"]:
-        env = {"UNIDD_BUILD_CUDA": "1", "TORCH_CUDA_ARCH_LIST": "9.0a", "MAX_JOBS": "8"}
+        # the interpreter's bin first on the PATH: ninja comes as a Python package there
+        env = {"UNIDD_BUILD_CUDA": "1", "TORCH_CUDA_ARCH_LIST": "9.0a", "MAX_JOBS": "8", "CUDA_HOME": cuda_home(),
+               "PATH": f"{Path(python).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
         steps.append(Step("build_extension", [python, "setup.py", "build_ext", "--build-lib", str(work / "ext"),
                                               "--build-temp", str(work / "ext_tmp")], 300, env=env))
     for arch, (image, batch, smaller) in settings["doctor"].items():

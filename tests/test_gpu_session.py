@@ -56,6 +56,7 @@ def test_cuda_plan_order_arguments_and_returned_files(gs, tmp_path):
     assert "--no-cache" in by["doctor_resnet18_cuda"].argv and "--no-cache" not in by["doctor_resnet18"].argv
     build = by["build_extension"]
     assert build.env["UNIDD_BUILD_CUDA"] == "1" and _arg(build.argv, "--build-lib") == str(tmp_path / "work" / "ext")
+    assert build.env["PATH"].startswith("/" + os.pathsep) and Path(build.env["CUDA_HOME"]).is_absolute()
     bench = by["benchmarks"]
     assert bench.argv[1:] == ["run_all.py", "--quick", "--no-predictions"] and bench.cwd == ROOT / "bench"
     assert bench.env["UNIDD_BENCH_OUT"] == str(tmp_path / "work" / "bench_out")
@@ -202,3 +203,18 @@ def test_background_build_then_the_steps_that_need_it(gs, tmp_path, monkeypatch)
     (root / "unidd_fast" / "_cuda.test.so").write_text("someone else's")
     assert gs.run_session("cuda", out, sys.executable, None, None) == 1  # doctor_cuda's assertion fails
     assert (root / "unidd_fast" / "_cuda.test.so").read_text() == "someone else's"
+
+
+def test_cuda_home_follows_the_nvcc_on_the_path(gs, tmp_path, monkeypatch):
+    nvcc = tmp_path / "toolkit" / "bin" / "nvcc"
+    nvcc.parent.mkdir(parents=True)
+    nvcc.write_text("#!/bin/sh\n")
+    nvcc.chmod(0o755)
+    monkeypatch.delenv("CUDA_HOME", raising=False)
+    monkeypatch.setenv("PATH", str(nvcc.parent))
+    assert gs.cuda_home() == str((tmp_path / "toolkit").resolve())
+    monkeypatch.setenv("CUDA_HOME", "/opt/cuda-x")
+    assert gs.cuda_home() == "/opt/cuda-x"
+    monkeypatch.delenv("CUDA_HOME")
+    monkeypatch.setenv("PATH", str(tmp_path))
+    assert gs.cuda_home() == "/usr/local/cuda"  # setup.py's default
