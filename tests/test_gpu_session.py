@@ -218,3 +218,18 @@ def test_cuda_home_follows_the_nvcc_on_the_path(gs, tmp_path, monkeypatch):
     monkeypatch.delenv("CUDA_HOME")
     monkeypatch.setenv("PATH", str(tmp_path))
     assert gs.cuda_home() == "/usr/local/cuda"  # setup.py's default
+
+
+def test_the_session_benchmarks_are_the_gpu_ones_without_predictions(monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))  # run_all imports bench/common.py
+    spec = importlib.util.spec_from_file_location("run_all_for_test", ROOT / "bench" / "run_all.py")
+    run_all = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(run_all)
+    jobs = run_all.plan(cuda=True, threads=0, quick=True, predictions=False)
+    scripts = [script for script, _ in jobs]
+    assert not set(scripts) & set(run_all.PREDICTIONS)
+    for script in ("bench_kernels_site_stats.py", "bench_kernels_reg_inverse.py", "bench_cuda_ops.py"):
+        assert script in scripts
+    assert ("bench_ops.py", ["--geometry", "imagenet", "--device", "cuda"]) in jobs
+    assert all("--device" not in args or args[args.index("--device") + 1] == "cuda" for _, args in jobs)
+    assert {s for s, _ in run_all.plan(cuda=False, threads=0, quick=True)} >= set(run_all.PREDICTIONS)
