@@ -250,7 +250,7 @@ def check_table(checks: list[dict]) -> str:
 # ---------------------------------------------------------------- the plan
 
 
-def doctor_step(python, arch, image, batch, settings, out: Path, backends, suffix="", cap=150.0) -> Step:
+def doctor_step(python, arch, image, batch, settings, out: Path, backends, suffix, cap) -> Step:
     name = f"doctor_{arch}{suffix}"
     report = f"{name}.json"
     argv = [python, "-m", "unidd_fast", "doctor", "--device", settings["device"], "--arch", arch,
@@ -277,7 +277,7 @@ def plan(device: str, python: str, out: Path, work: Path, budget: float | None =
         steps.append(Step("build_extension", [python, "setup.py", "build_ext", "--build-lib", str(work / "ext"),
                                               "--build-temp", str(work / "ext_tmp")], 300, env=env))
     for arch, (image, batch, smaller) in settings["doctor"].items():
-        step = doctor_step(python, arch, image, batch, settings, out, settings["backends"], cap=180)
+        step = doctor_step(python, arch, image, batch, settings, out, settings["backends"], "", cap=180)
         if smaller:
             step.fallback = doctor_step(python, arch, image, smaller, settings, out, settings["backends"],
                                         f"_b{smaller}", cap=120)
@@ -285,8 +285,8 @@ def plan(device: str, python: str, out: Path, work: Path, budget: float | None =
     if settings["build"]:
         for arch, (image, batch, smaller) in settings["doctor"].items():
             steps.append(doctor_step(python, arch, image, smaller or batch, settings, out, "cuda", "_cuda", cap=90))
-    steps.append(Step("benchmarks", [python, "run_all.py", "--quick", "--no-predictions"], 600, minimum=30, cwd=ROOT / "bench",
-                      env={"UNIDD_BENCH_OUT": str(work / "bench_out")}))
+    steps.append(Step("benchmarks", [python, "run_all.py", "--quick", "--no-predictions"], 600, minimum=30,
+                      cwd=ROOT / "bench", env={"UNIDD_BENCH_OUT": str(work / "bench_out")}))
     return settings, steps
 
 

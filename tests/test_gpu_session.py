@@ -190,7 +190,8 @@ def test_background_build_then_the_steps_that_need_it(gs, tmp_path, monkeypatch)
         build = _python_step(gs, "build_extension",
                              f"import pathlib; p = pathlib.Path({str(so)!r}); p.parent.mkdir(parents=True); "
                              "p.write_text('built')")
-        check = f"import pathlib; assert pathlib.Path({str(root / 'unidd_fast' / '_cuda.test.so')!r}).read_text() == 'built'"
+        installed = root / "unidd_fast" / "_cuda.test.so"
+        check = f"import pathlib; assert pathlib.Path({str(installed)!r}).read_text() == 'built'"
         return {"budget": 300, "build": True}, [build, _python_step(gs, "doctor_cuda", check, needs="extension")]
 
     monkeypatch.setattr(gs, "plan", steps)
