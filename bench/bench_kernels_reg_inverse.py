@@ -12,7 +12,7 @@ import torch
 
 import unidd_fast as uf
 from common import median_ms, report
-from roofline import reg_inverse, reg_inverse_bwd
+from unidd_fast.roofline.ops import reg_inverse, reg_inverse_bwd
 
 
 def fwd_bwd(A, beta, backend):

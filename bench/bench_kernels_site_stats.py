@@ -14,7 +14,7 @@ import torchvision
 
 import unidd_fast as uf
 from common import median_ms, report
-from roofline import site_stats_bwd, site_stats_fwd
+from unidd_fast.roofline.ops import site_stats_bwd, site_stats_fwd
 from sites import cifar_resnet18, site_shapes
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}

@@ -8,8 +8,12 @@ the time, twice:
   training step) of a randomly initialised network of the configured architecture, at a
   probe batch no larger than the real one, scaled linearly to the real batch and count
   (on the CPU the process's CPU time, which a shared machine does not inflate);
-- **H100 PREDICTION**: the roofline model of ``unidd_fast/roofline.py`` (per-layer FLOPs
-  and bytes against peak compute and bandwidth), never measured.
+- **H100 PREDICTION**: the roofline model of ``unidd_fast/roofline/`` for the real teacher
+  and student (per-layer FLOPs and bytes against peak compute and bandwidth): recover is
+  ``roofline.step.full_step`` (teacher forward + input backward at the run's precision,
+  augmentation, Adam, the configured loss as the CUDA backends run it, launch gaps), the
+  stats pass a forward with the Triton site statistics, squeeze and evaluate fp32 training
+  steps; never measured.
 
 Nothing reads the dataset: its shape comes from the config (class count, split sizes of
 the known datasets), so ImageNet-1K can be planned on a laptop. Memory figures are
@@ -29,9 +33,11 @@ from pathlib import Path
 import torch
 from torchvision import datasets as tvd
 
-from .. import roofline
 from ..errors import ConfigError
 from ..real_stats import collect_real_stats
+from ..roofline.hardware import ELEM
+from ..roofline.step import STEP_OF_LOSS, full_step, stats_pass_seconds, step_totals, train_step_seconds
+from ..roofline.teacher import teacher_layers
 from ..sites import site_input_shapes
 from .augment import make_augment
 from .config import Config
@@ -85,6 +91,8 @@ def _bytes(n: float) -> str:
 
 
 def _time(seconds: float) -> str:
+    if 0 < seconds < 1e-3:
+        return f"{seconds * 1e6:.0f} µs"
     if seconds < 1:
         return f"{seconds * 1e3:.1f} ms"
     if seconds < 120:
@@ -206,7 +214,20 @@ class Probe:
 
 def _activations(model, side: int, channels: int, dtype: str) -> int:
     """Bytes per image of every leaf layer's output (what a backward pass keeps)."""
-    return sum(layer["out"] for layer in roofline.teacher_layers(model, side, 1, dtype, channels)) * roofline.ELEM[dtype]
+    return sum(layer["out"] for layer in teacher_layers(model, side, 1, dtype, channels)) * ELEM[dtype]
+
+
+def h100_recover_step(cfg: Config, teacher, num_classes: int) -> float:
+    """PREDICTION: seconds of one recover step of ``teacher`` on an H100 — the total of
+    ``roofline.step.full_step`` for the configured loss (``STEP_OF_LOSS``) at a class-batch
+    of min(batch_size, classes) images, the precision and CUDA-graph mode ``recover`` resolves
+    on CUDA, and the loss's sites (the BatchNorm inputs for SRe2L)."""
+    rc, d = cfg.recover, cfg.data
+    options = resolve_options(rc, torch.device("cuda"))
+    sites = site_input_shapes(teacher, "bn" if rc.loss == "sre2l" else rc.sites, (d.channels, d.image_size, d.image_size))
+    rows = full_step(teacher, sites, min(rc.batch_size, num_classes), options.precision, d.image_size, d.channels,
+                     num_classes, options.cuda_graphs, cfg.model.arch)
+    return step_totals(rows, cfg.model.arch)[STEP_OF_LOSS[rc.loss]] * 1e-6
 
 
 def run(cfg: Config, world: int = 1, teacher_checkpoint: bool = False) -> str:
@@ -220,7 +241,8 @@ def run(cfg: Config, world: int = 1, teacher_checkpoint: bool = False) -> str:
         probe = Probe(cfg, shape, device)
     d, rc, ev, sq = cfg.data, cfg.recover, cfg.evaluate, cfg.squeeze
     pixels = d.channels * d.image_size * d.image_size
-    dtype = "bf16" if resolve_options(rc, torch.device("cuda")).precision == "bf16" else "fp32"
+    options = resolve_options(rc, torch.device("cuda"))  # what recover runs on a GPU
+    dtype = options.precision
     sites = probe.site_shapes()
     workers = resolve_workers(d.workers)
     t_stats, stats = probe.stats_step()
@@ -235,8 +257,12 @@ def run(cfg: Config, world: int = 1, teacher_checkpoint: bool = False) -> str:
     act_teacher = _activations(probe.teacher, d.image_size, d.channels, dtype)
     act_student = _activations(probe.student, d.image_size, d.channels, dtype)
 
-    def h100(model, batch: int, kind: str, with_sites: bool = False) -> float:
-        return roofline.step_seconds(model, d.image_size, d.channels, batch, dtype, kind, sites if with_sites else ())
+    # squeeze, stats and evaluate run in fp32 (TF32 tensor cores); recover at its precision
+    def train_s(model, batch: int) -> float:
+        return train_step_seconds(model, batch, "fp32", d.image_size, d.channels)
+
+    def forward_s(batch: int, with_sites: bool = False) -> float:
+        return stats_pass_seconds(probe.teacher, sites if with_sites else (), batch, "fp32", d.image_size, d.channels)
 
     k = min(rc.batch_size, shape.num_classes)
     rows = []
@@ -251,7 +277,7 @@ def run(cfg: Config, world: int = 1, teacher_checkpoint: bool = False) -> str:
                      device=4 * teacher_bytes + sq.batch_size * act_teacher,
                      host=base_rss + loader_host,
                      here=epochs * shape.train * t_squeeze,
-                     h100=steps * h100(probe.teacher, sq.batch_size, "train")))
+                     h100=steps * train_s(probe.teacher, sq.batch_size)))
     # stats
     batches = math.ceil(shape.train / STATS_BATCH)
     rows.append(dict(stage="stats", steps=batches, images=shape.train,
@@ -259,12 +285,14 @@ def run(cfg: Config, world: int = 1, teacher_checkpoint: bool = False) -> str:
                      device=teacher_bytes + 2 * stats_bytes + STATS_BATCH * act_teacher // 2,
                      host=base_rss + 2 * stats_bytes + workers * PREFETCH * STATS_BATCH * pixels * 4,
                      here=shape.train * t_stats / world,
-                     h100=batches * h100(probe.teacher, STATS_BATCH, "forward", True) / world))
+                     h100=batches * forward_s(STATS_BATCH, True) / world))
     # recover: one set per (ipc, seed)
     sets = [(ipc, seed) for ipc in cfg.ipc for seed in cfg.seeds]
     per_set = {ipc: math.ceil(shape.num_classes / rc.batch_size) * ipc for ipc in cfg.ipc}
     class_batches = sum(per_set[ipc] for ipc, _ in sets)
-    iterations = class_batches * rc.iterations
+    steps_per_batch = 0 if rc.loss == "none" else rc.iterations  # "none" recovers nothing: its images are the init
+    iterations = class_batches * steps_per_batch
+    t_step = h100_recover_step(cfg, probe.teacher, shape.num_classes)
     total_images = sum(ipc * shape.num_classes for ipc, _ in sets)
     set_bytes = {f"{method_name(rc)} ipc={ipc}: images ({rc.image_format}, ≈ raw uint8)": ipc * shape.num_classes
                  * pixels for ipc in cfg.ipc}
@@ -275,9 +303,10 @@ def run(cfg: Config, world: int = 1, teacher_checkpoint: bool = False) -> str:
                                                 world * (emu_bytes + k * pixels)}),
                      device=teacher_bytes + reg_device + emu_bytes + k * (act_teacher + 6 * pixels * 4),
                      host=base_rss + stats_bytes + teacher_bytes + k * pixels * (4 + 1) + emu_bytes,
-                     here=rounds * rc.iterations * k * t_recover,
-                     h100=rounds * rc.iterations * h100(probe.teacher, k, "recover", rc.loss == "cfm"),
-                     note=f"{class_batches} class-batches of {k} images × {rc.iterations} iterations"))
+                     here=rounds * steps_per_batch * k * t_recover,
+                     h100=rounds * steps_per_batch * t_step,
+                     note=f"{class_batches} class-batches of {k} images × {steps_per_batch} iterations; H100 PREDICTION "
+                          f"{_time(t_step)} per step"))
     # evaluate: a student per set
     ev_steps = sum(ev.epochs * math.ceil(ipc * shape.num_classes / ev.batch_size) for ipc, _ in sets)
     ev_images = sum(ev.epochs * ipc * shape.num_classes for ipc, _ in sets)
@@ -287,7 +316,7 @@ def run(cfg: Config, world: int = 1, teacher_checkpoint: bool = False) -> str:
                      device=4 * student_params + teacher_bytes + local * (act_student + act_teacher // 4),
                      host=base_rss + workers * PREFETCH * local * pixels * 4,
                      here=ev_images * t_eval / world + len(sets) * shape.test * t_stats,
-                     h100=ev_steps * (h100(probe.student, local, "train") + h100(probe.teacher, local, "forward"))))
+                     h100=ev_steps * (train_s(probe.student, local) + forward_s(local))))
     lines = [f"plan: {d.dataset} ({shape.num_classes} classes, {shape.train} train / {shape.test} test images, "
              f"{d.channels}×{d.image_size}×{d.image_size}), teacher {cfg.model.arch}, student "
              f"{ev.arch or cfg.model.arch}, ipc {cfg.ipc}, seeds {cfg.seeds}, {world} process(es)",
@@ -309,7 +338,10 @@ def run(cfg: Config, world: int = 1, teacher_checkpoint: bool = False) -> str:
             lines.append(f"  {r['stage']:<9} {name:<58} {_bytes(size):>10}")
         if "note" in r:
             lines.append(f"  {r['stage']:<9} {r['note']}")
-    lines += ["", "time here: probe steps scaled linearly in images (CPU time on a CPU). H100: roofline PREDICTION (unidd_fast/roofline.py, "
-              f"{dtype}, per-layer max(FLOPs/peak, bytes/bandwidth)), not measured. Memory: estimates from tensor "
-              "sizes per process (peak device: tensors on the run's device, host memory too on a CPU run)."]
+    graphs = "CUDA graphs" if options.cuda_graphs else "no CUDA graphs"
+    lines += ["", "time here: probe steps scaled linearly in images (CPU time on a CPU). H100: roofline PREDICTION "
+              f"(unidd_fast/roofline/: recover = the full step of step.py, {dtype}, {rc.loss} loss, {graphs}; squeeze, "
+              "stats, evaluate fp32 on TF32 tensor cores; per-layer max(FLOPs/peak, bytes/bandwidth) + launch gaps), "
+              "not measured. Memory: estimates from tensor sizes per process (peak device: tensors on the run's "
+              "device, host memory too on a CPU run)."]
     return "\n".join(lines)
