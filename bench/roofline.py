@@ -11,7 +11,7 @@ measured (CPU, float64) on synthetic covariances.
 Geometries: CIFAR ResNet-18 (32×32, batch 100) and ImageNet ResNet-18 (224×224, batch 100
 and 200); sites = the inputs of the 20 BatchNorm2d (d = 64, 128, 256, 512).
 
-The full recover step is modelled in ``roofline_step.py``.
+The full recover step: ``roofline_step.py`` (its model: ``unidd_fast/roofline/step.py``).
 """
 from __future__ import annotations
 
