@@ -51,3 +51,15 @@ def test_progress_writes_rate_and_eta_lines_without_a_terminal():
     quiet = []
     list(progress(range(3), desc="x", log=quiet.append, every=3600))
     assert quiet == [quiet[-1]] and quiet[-1].startswith("x: 3/3 it")  # the last line always comes
+
+
+def test_plan_of_loss_none_counts_no_recover_steps(capsys):
+    """loss "none" keeps the initial images: recover runs 0 iterations, here and on the H100."""
+    threads = torch.get_num_threads()
+    try:
+        assert main(["plan", "--ipc", "1", "--seeds", "0", "--set", "recover.loss=none"]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    out = capsys.readouterr().out
+    assert re.search(r"^recover\s+0\s+10\s.*\s0\.0 ms\s+0\.0 ms$", out, re.M), out
+    assert "1 class-batches of 10 images × 0 iterations" in out
