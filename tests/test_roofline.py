@@ -26,7 +26,7 @@ def _with(cfg, **recover):
     ("digits", "convnet", {}, ("bf16", True, "bn", "cfm_step_us")),
     ("cifar10", "resnet18", dict(loss="sre2l", precision="fp32", cuda_graphs="off", sites="conv"),
      ("fp32", False, "bn", "sre2l_step_us")),
-    ("cifar100", "resnet18", dict(sites="conv", cuda_graphs="off", batch_size=30), ("bf16", False, "conv", "cfm_step_us")),
+    ("cifar100", "convnet", dict(sites="conv", cuda_graphs="off", batch_size=300), ("bf16", False, "conv", "cfm_step_us")),
     ("cifar10", "convnet", dict(loss="none"), ("bf16", True, "bn", "bare_step_us")),
 ])
 def test_plan_recover_step_is_the_full_step_total(dataset, arch, recover, expect):
