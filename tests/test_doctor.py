@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from unidd_fast import cli, doctor
+from unidd_fast import cli, doctor, opcheck
 from unidd_fast.kernels import registry
 
 import _faults
@@ -94,3 +94,38 @@ def test_doctor_bad_arguments_exit_2(capsys):
     if not torch.cuda.is_available():
         assert cli.main(["doctor", "--device", "cuda"]) == 2
         assert "no CUDA device" in capsys.readouterr().err
+
+
+ILL_CONDITIONED = (2, 768, 2, 2)  # 8 rows for d = 768: the fp32 CFM-loss gradient loses ≈ 1.3e-3 with torch itself
+
+
+def test_an_ill_conditioned_site_judges_backends_against_the_torch_floor(monkeypatch):
+    """At a rank-deficient site fp32 itself misses the fixed 1e-3: a backend computing what
+    torch computes passes against torch's own error (the floor), the torch row says why it
+    misses, and a backend that is really wrong still fails there."""
+    _faults.install(monkeypatch, broken=False)  # "faulty" = the torch ops under another name
+    report = doctor.run("cpu", shapes=[ILL_CONDITIONED], repeats=1, backends=["torch", "faulty"],
+                        step_features=False, ops=("site_stats", "cfm_site_loss"))
+    rows = {(r["op"], r["backend"]): r for r in report["results"]}
+    torch_row, same = rows["cfm_site_loss", "torch"], rows["cfm_site_loss", "faulty"]
+    assert torch_row["error"] > 1e-3 and not torch_row["passed"] and "the torch backend itself" in torch_row["failure"]
+    assert same["passed"] and same["floor"] == pytest.approx(torch_row["error"])
+    assert 1e-3 < same["error"] <= same["tolerance"] <= opcheck.FLOOR_MARGIN * same["floor"]
+    assert rows["site_stats", "faulty"]["floor"] is None  # met the fixed tolerance: no floor was measured
+    _faults.install(monkeypatch)  # now its site statistics are 1 % off
+    wrong = doctor.run("cpu", shapes=[ILL_CONDITIONED], repeats=1, backends=["faulty"], step_features=False,
+                       ops=("site_stats",))["results"][0]
+    assert not wrong["passed"] and wrong["floor"] < 1e-5 and wrong["tolerance"] == opcheck.TOLERANCE[torch.float32]
+
+
+def test_the_floor_never_widens_the_tolerance_past_its_cap(monkeypatch):
+    """With any floor times the margin above everything, the cap decides: a backend 1 % off
+    fails a cap of 5e-3 and passes one of 0.1."""
+    monkeypatch.setattr(opcheck, "TOLERANCE", {torch.float32: 1e-12})  # every backend misses it: the floor is measured
+    monkeypatch.setattr(opcheck, "FLOOR_MARGIN", 1e12)
+    _faults.install(monkeypatch)
+    for cap, passed in ((5e-3, False), (0.1, True)):
+        monkeypatch.setattr(opcheck, "FLOOR_CAP", cap)
+        row = doctor.run("cpu", shapes=[(3, 6, 2, 2)], repeats=1, backends=["faulty"], step_features=False,
+                         ops=("site_stats",))["results"][0]
+        assert row["tolerance"] == cap and row["passed"] is passed and 0 < row["floor"] < 1e-5

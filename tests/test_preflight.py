@@ -268,3 +268,41 @@ def test_on_a_gpu_a_failing_combination_drops_graphs_then_bf16(gen, monkeypatch,
     assert [f["feature"] for f in fallbacks] == [f"step feature {name}" for name in dropped]
     assert fallbacks[0]["failure"].startswith("together with capturable_adam, bf16_autocast, channels_last: ")
     assert got == dataclasses.replace(rc, cuda_graphs="off", precision="fp32" if len(dropped) > 1 else "bf16")
+
+
+def test_a_feature_missing_the_fixed_tolerance_is_judged_against_the_step_s_rounding_floor(gen, monkeypatch):
+    """With the fixed tolerances below anything a step meets (as at an ill-conditioned
+    teacher, where fp32 rounding alone is amplified past them), a feature whose image update
+    is off by twice the eager step's own one-ulp sensitivity (the floor) passes, one off by
+    eight times it fails (FLOOR_MARGIN = 4), and one that doubles the update fails whatever
+    the floor: the floor's tolerance stays below 1."""
+    monkeypatch.setattr(stepcheck, "TOLERANCE", dict.fromkeys(stepcheck.TOLERANCE, 1e-12))
+    monkeypatch.setattr(stepcheck, "LOSS_TOLERANCE", dict.fromkeys(stepcheck.LOSS_TOLERANCE, 1e-12))
+    real_build = stepcheck.build_engine
+    stretch = {"factor": 1.0}
+
+    def stretched(model, regularizer, rc, augment, generator, lo, hi, options):
+        """channels_last: the eager step with its image update ``factor`` times as long (losses exact)."""
+        engine = real_build(model, regularizer, rc, augment, generator, lo, hi,
+                            dataclasses.replace(options, channels_last=False))
+        if options.channels_last:
+            run = engine.run
+            engine.run = lambda init, targets, desc="iterations": (
+                lambda images, ce, reg: (init + (images - init) * stretch["factor"], ce, reg))(*run(init, targets, desc))
+        return engine
+
+    monkeypatch.setattr(stepcheck, "build_engine", stretched)
+    case = _faults.step_case(gen, RecoverConfig(lr=0.1))
+    loss_floor, floor = stepcheck.rounding_floor(case, stepcheck.reference_step(case)[0])
+    assert 0 <= loss_floor < stepcheck.LOSS_CAP and 0 < floor < stepcheck.UPDATE_CAP  # a tiny net's losses may not move
+    for times, passed in ((2, True), (8, False)):
+        stretch["factor"] = 1 + times * floor
+        rows = {r["feature"]: r for r in stepcheck.check(case, ["channels_last"])}
+        row = rows["channels_last"]
+        assert row["passed"] is passed and (row["loss_floor"], row["floor"]) == (loss_floor, floor)
+        # the stretch itself rounds in fp32 at this scale: 2 and 8 keep clear of the margin 4 either way
+        assert row["error"] == pytest.approx(times * floor, rel=0.25) and row["tolerance"] == stepcheck.FLOOR_MARGIN * floor
+        assert rows["eager_fp32"]["floor"] is None
+    _faults.faulty_step_features(monkeypatch, wrong=("channels_last",))
+    row = stepcheck.check(case, ["channels_last"])[1]
+    assert not row["passed"] and row["error"] == pytest.approx(1) and row["tolerance"] <= stepcheck.UPDATE_CAP < 1

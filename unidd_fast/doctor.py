@@ -47,8 +47,9 @@ def run(device="cpu", arch="resnet18", image_size=32, batch=8, dtypes=None, repe
         shapes=None, backends=None, progress=None, ops=OPS, step_features=True,
         memory_format=torch.contiguous_format) -> dict:
     """Check every (op, backend, dtype) at the teacher's site shapes; returns the report dict
-    {"environment", "shapes", "results": [{op, backend, dtype, passed, error, tolerance, median_s,
-    failure}], "step_features": [stepcheck.check rows]}. ``shapes`` overrides the teacher's
+    {"environment", "shapes", "results": [{op, backend, dtype, passed, error, tolerance, floor,
+    median_s, failure}], "step_features": [stepcheck.check rows]} (``opcheck.check_ops``: the
+    tolerance widens to the torch backend's own error at an ill-conditioned site). ``shapes`` overrides the teacher's
     (n, d, h, w) list; ``backends`` limits the backends checked (default: every one that runs
     here); ``ops`` the ops; ``memory_format`` that of the feature maps (a run's teacher in
     channels_last hands its sites channels_last maps); ``step_features=False`` leaves out the
@@ -99,18 +100,20 @@ def _number(value, scale=1.0, form=".2e") -> str:
 
 
 def table(report: dict) -> str:
-    lines = [f"{'op':26} {'backend':8} {'dtype':9} {'result':6} {'error':>10} {'median ms':>10}"]
+    lines = [f"{'op':26} {'backend':8} {'dtype':9} {'result':6} {'error':>10} {'tolerance':>10} {'median ms':>10}"]
     for row in report["results"]:
         lines.append(f"{row['op']:26} {row['backend']:8} {row['dtype']:9} {verdict(row):6} "
-                     f"{_number(row['error']):>10} {_number(row['median_s'], 1e3, '.3f'):>10}")
+                     f"{_number(row['error']):>10} {_number(row['tolerance']):>10} "
+                     f"{_number(row['median_s'], 1e3, '.3f'):>10}")
         if row["failure"]:
             lines.append(f"    {row['failure']}")
     if report.get("step_features"):
-        lines += ["", f"{'recover step feature':26} {'dtype':9} {'result':6} {'loss error':>10} {'update err':>10} "
-                      f"{'ms/step':>10}"]
+        lines += ["", f"{'recover step feature':26} {'dtype':9} {'result':6} {'loss error':>10} {'loss tol':>10} "
+                      f"{'update err':>10} {'update tol':>10} {'ms/step':>10}"]
         for row in report["step_features"]:
             lines.append(f"{row['feature']:26} {row['dtype']:9} {verdict(row):6} {_number(row['loss_error']):>10} "
-                         f"{_number(row['error']):>10} {_number(row['median_s'], 1e3, '.3f'):>10}")
+                         f"{_number(row['loss_tolerance']):>10} {_number(row['error']):>10} "
+                         f"{_number(row['tolerance']):>10} {_number(row['median_s'], 1e3, '.3f'):>10}")
             if row["failure"]:
                 lines.append(f"    {row['failure']}")
     return "\n".join(lines)

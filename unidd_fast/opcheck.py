@@ -9,6 +9,16 @@ Ops checked (each per backend that runs on the device and dtype):
   cfm_site_loss         statistics → FLC → CFM filter + signal losses of the site, value and dX
 The reference is the torch backend on float64 copies of the same inputs; errors are relative
 Frobenius norms, the worst over the sites; times are medians, summed over the sites.
+
+A backend passes within ``TOLERANCE[dtype]``, or within ``FLOOR_MARGIN`` times the *floor*:
+the error of the torch backend itself in the same dtype at the same site, measured only when
+a backend misses the fixed tolerance there. At an ill-conditioned site (n·h·w < d, as at the
+deep sites of a small class-batch: Ψ is rank-deficient and κ = (λmax + β)/β large) fp32
+arithmetic itself cannot reach the fixed tolerance (the input gradient of the CFM loss at
+(2, 2048, 4, 4) loses 2.9e-3 with the torch backend), and a fast backend must not be failed,
+and a run not fall back, for what any fp32 computation loses there. The torch rows keep the
+fixed tolerance: such a row failing says that fp32 is not that accurate at this shape.
+``FLOOR_CAP`` bounds the widened tolerance, so a wrong result (error of order 1) always fails.
 """
 from __future__ import annotations
 
@@ -20,6 +30,8 @@ import torch
 
 OPS = ("site_stats", "site_stats_grad", "regularized_inverse", "regularized_inverse_grad", "cfm_site_loss")
 TOLERANCE = {torch.float32: 1e-3, torch.bfloat16: 3e-2}  # relative, against float64
+FLOOR_MARGIN = 4  # a backend may lose this many times what the torch backend loses in its dtype
+FLOOR_CAP = 0.1
 BETA = 0.1
 CLASSES = 4  # targets of the FLC in cfm_site_loss
 
@@ -123,38 +135,54 @@ def _cases(shape, dtype, device, gen, memory_format=torch.contiguous_format):
 def check_ops(device, shapes, dtypes, repeats=3, seed=0, backends=None, progress=None, ops=OPS,
               memory_format=torch.contiguous_format) -> list[dict]:
     """Check every (op, backend, dtype) at the (n, d, h, w) ``shapes``: a list of rows {op,
-    backend, dtype, passed, error, tolerance, median_s, failure}. ``backends`` limits the
-    backends checked (default: every one that runs on ``device``); ``memory_format`` is that of
-    the feature maps (a teacher in channels_last hands its sites channels_last maps);
-    ``progress`` is called with each row."""
+    backend, dtype, passed, error, tolerance, floor, median_s, failure} (tolerance: the widest
+    one applied over the shapes; floor: the worst torch-backend error measured, None when
+    none was needed). ``backends`` limits the backends checked (default: every one that runs
+    on ``device``); ``memory_format`` is that of the feature maps (a teacher in channels_last
+    hands its sites channels_last maps); ``progress`` is called with each row."""
     from .kernels import registry
 
     device = torch.device(device)
     results = []
     for dtype in dtypes:
         for op in ops:
-            backends = [name for name, b in registry.BACKENDS.items()
-                        if b.available() and b.devices(device) and b.supports(device, dtype)
-                        and (backends is None or name in backends)]
-            for backend in backends:
-                row = {"op": op, "backend": backend, "dtype": str(dtype).replace("torch.", ""),
-                       "tolerance": TOLERANCE[dtype], "error": 0.0, "median_s": 0.0, "passed": True, "failure": None}
-                for shape in shapes:
-                    gen = torch.Generator().manual_seed(seed)
-                    cases = _cases(shape, dtype, device, gen, memory_format)
-                    ref_gen = torch.Generator().manual_seed(seed)
-                    ref_cases = _cases(shape, torch.float64, device, ref_gen)
+            names = [name for name, b in registry.BACKENDS.items()
+                     if b.available() and b.devices(device) and b.supports(device, dtype)
+                     and (backends is None or name in backends)]
+            rows = {name: {"op": op, "backend": name, "dtype": str(dtype).replace("torch.", ""),
+                           "tolerance": TOLERANCE[dtype], "error": 0.0, "floor": None, "median_s": 0.0,
+                           "passed": True, "failure": None} for name in names}
+            for shape in shapes:
+                def case(dt):  # fresh inputs of this shape in dtype dt, the same numbers for every backend
+                    return _cases(shape, dt, device, torch.Generator().manual_seed(seed), memory_format)[op]
+
+                want = case(torch.float64)("torch")
+                floor = None
+                for name, row in rows.items():
+                    if row["error"] is None:  # raised at an earlier shape
+                        continue
                     try:
-                        got, seconds = timed(lambda: cases[op](backend), device, repeats)
-                        want = ref_cases[op]("torch")
+                        run = case(dtype)
+                        got, seconds = timed(lambda: run(name), device, repeats)
                         error = worst(relative_error(g, w) for g, w in zip(got, want))
                     except Exception as exc:  # a backend that raises fails the check, it does not stop it
                         row.update(passed=False, error=None, failure=f"{shape}: {type(exc).__name__}: {exc}")
-                        break
+                        continue
                     row["median_s"] += seconds
                     row["error"] = worst([row["error"], error])
-                    if not error <= TOLERANCE[dtype]:
-                        row.update(passed=False, failure=f"{shape}: relative error {error:.3g}")
+                    tolerance = TOLERANCE[dtype]
+                    if not error <= tolerance and name != "torch":
+                        if floor is None:
+                            floor = worst(relative_error(g, w) for g, w in zip(case(dtype)("torch"), want))
+                        row["floor"] = floor if row["floor"] is None else worst([row["floor"], floor])
+                        if floor == floor:
+                            tolerance = max(tolerance, min(FLOOR_MARGIN * floor, FLOOR_CAP))
+                            row["tolerance"] = max(row["tolerance"], tolerance)
+                    if not error <= tolerance:
+                        why = "" if name != "torch" else (" (the torch backend itself: this dtype's arithmetic is this far "
+                                                          "from float64 at this site; the other backends are judged against it)")
+                        row.update(passed=False, failure=f"{shape}: relative error {error:.3g}{why}")
+            for row in rows.values():
                 results.append(row)
                 if progress is not None:
                     progress(row)

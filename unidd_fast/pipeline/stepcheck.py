@@ -28,6 +28,15 @@ off, and channels_last may pick other kernels than NCHW) 1e-2 and 0.5, between t
 not measured on a GPU yet. A wrong step is caught by the losses or by the update: a step
 that does not move the images, moves them twice as far or the wrong way has an update
 error of 1 or more.
+
+Where the step itself is ill-conditioned (rank-deficient Ψ at the deep sites of a small
+class-batch, e.g. ResNet-50 at 32 px with 2 images: 32 rows for d = 2048) any rounding
+difference is amplified past those tolerances, and a feature would be switched off for what
+fp32 does anyway. So a feature that misses them is judged again against the *floor*: the
+eager fp32 step's own difference when every initial pixel moves by one ulp
+(``rounding_floor``, run only then), within ``FLOOR_MARGIN`` times it and at most
+``LOSS_CAP`` / ``UPDATE_CAP`` (below 1: a wrong step still fails). Measured on the CPU at
+that ResNet-50 case: floor losses 5.3e-3, update 0.30; channels_last 9.2e-3 and 0.35.
 """
 from __future__ import annotations
 
@@ -49,6 +58,8 @@ REFERENCE = "eager_fp32"  # the row of the reference step in ``check``
 EAGER_FP32 = StepOptions(precision="fp32", cuda_graphs=False, compile=False, channels_last=False, capturable=False)
 TOLERANCE = {"float32": 0.25, "tf32": 0.5, "bfloat16": 0.75}  # the image update
 LOSS_TOLERANCE = {"float32": 1e-3, "tf32": 1e-2, "bfloat16": 5e-2}
+FLOOR_MARGIN = 4
+LOSS_CAP, UPDATE_CAP = 0.1, 0.9
 
 
 @dataclass(frozen=True)
@@ -154,6 +165,18 @@ def reference_step(case: Case, repeats: int = 1):
         raise type(exc)(f"pre-flight, the eager fp32 recover step on random images: {exc}") from exc
 
 
+def rounding_floor(case: Case, reference) -> tuple[float, float]:
+    """(loss error, update error) of the eager fp32 step from the initial images each moved
+    by one ulp (up or down at random), against ``reference`` (a ``reference_step`` result):
+    what rounding alone changes in this step."""
+    gen = torch.Generator().manual_seed(case.seed + 1)
+    away = (torch.randint(0, 2, case.init.shape, generator=gen) * 2 - 1).to(case.init) * float("inf")
+    moved = dataclasses.replace(case, init=torch.nextafter(case.init, away))
+    (images, ce, reg), _ = _steps(moved, EAGER_FP32, 1)
+    return (worst([relative_error(ce, reference[1]), relative_error(reg, reference[2])]),
+            relative_error(images - moved.init, reference[0] - case.init))
+
+
 def group(names) -> tuple[Feature, ...]:
     """The features of ``names``: one FEATURES name, or a sequence of them (checked together)."""
     return tuple(BY_NAME[n] for n in ((names,) if isinstance(names, str) else names))
@@ -176,7 +199,8 @@ def new_combination(names) -> bool:
 
 def check(case: Case, features=None, repeats: int = 1, reference=None) -> list[dict]:
     """Rows {"feature", "dtype", "applicable", "passed", "loss_error", "error", "tolerance",
-    "loss_tolerance", "median_s", "failure"}: first "eager_fp32" (the reference, its time),
+    "loss_tolerance", "loss_floor", "floor", "median_s", "failure"} (the floors: None unless the
+    fixed tolerances were missed and ``rounding_floor`` widened them): first "eager_fp32" (the reference, its time),
     then one per entry of ``features`` in its order (default: every feature in FEATURES
     order): a FEATURES name, or a tuple of names checked together (feature "a+b", the
     tolerance of the loosest arithmetic among them). A check that does not run on this device
@@ -185,15 +209,17 @@ def check(case: Case, features=None, repeats: int = 1, reference=None) -> list[d
     device = case.init.device
     reference, seconds = reference or reference_step(case, repeats)
     rows = [{"feature": REFERENCE, "dtype": "float32", "applicable": True, "passed": True, "loss_error": 0.0,
-             "error": 0.0, "tolerance": 0.0, "loss_tolerance": 0.0, "median_s": seconds, "failure": None}]
+             "error": 0.0, "tolerance": 0.0, "loss_tolerance": 0.0, "loss_floor": None, "floor": None,
+             "median_s": seconds, "failure": None}]
     want_update = reference[0] - case.init
+    floor = None
     for names in (features if features is not None else [f.name for f in FEATURES]):
         checked = group(names)
         dtype = max((arithmetic(f, device) for f in checked), key=TOLERANCE.get)
         row = {"feature": "+".join(f.name for f in checked), "dtype": dtype,
                "applicable": all(applicable(f, device) for f in checked), "passed": None, "loss_error": None,
                "error": None, "tolerance": TOLERANCE[dtype], "loss_tolerance": LOSS_TOLERANCE[dtype],
-               "median_s": None, "failure": None}
+               "loss_floor": None, "floor": None, "median_s": None, "failure": None}
         rows.append(row)
         if not row["applicable"]:
             continue
@@ -205,6 +231,12 @@ def check(case: Case, features=None, repeats: int = 1, reference=None) -> list[d
         loss_error = worst([relative_error(ce, reference[1]), relative_error(reg, reference[2])])
         error = relative_error(images - case.init, want_update)
         row.update(loss_error=loss_error, error=error, median_s=seconds)
+        if not (loss_error <= row["loss_tolerance"] and error <= row["tolerance"]):
+            floor = floor or rounding_floor(case, reference)
+            row.update(loss_floor=floor[0], floor=floor[1])
+            if floor[0] == floor[0] and floor[1] == floor[1]:  # NaN: the fixed tolerances stay
+                row["loss_tolerance"] = max(row["loss_tolerance"], min(FLOOR_MARGIN * floor[0], LOSS_CAP))
+                row["tolerance"] = max(row["tolerance"], min(FLOOR_MARGIN * floor[1], UPDATE_CAP))
         row["passed"] = bool(loss_error <= row["loss_tolerance"] and error <= row["tolerance"])  # False for NaN
         if not row["passed"]:
             row["failure"] = (f"loss relative error {loss_error:.3g} (tolerance {row['loss_tolerance']:g}), "
