@@ -2,11 +2,13 @@
 backward, fp32/fp16/bf16/fp64 inputs, NCHW and channels_last, awkward shapes."""
 import pytest
 import torch
+import triton
+import triton.language as tl
 
 from unidd_fast import reference
 from unidd_fast.kernels._utils import acc_dtype
 from unidd_fast.errors import ConfigError
-from unidd_fast.kernels.triton.site_stats import site_stats
+from unidd_fast.kernels.triton.site_stats import _split_bf16, config, site_stats
 
 # (n, d, h, w): d not a power of two, h·w not a multiple of the 32-row tile; d = 70 spans
 # two 64-channel blocks (off-diagonal Gram blocks, mirrored writes)
@@ -35,6 +37,61 @@ def test_forward_matches_float64_reference(shape, dtype, channels_last, gen):
         assert g.dtype == torch.float32 and g.shape == w.shape
         # fp32 accumulation of a few hundred rows: ~1e-7 per term, a few 1e-7 in norm
         assert rel(g, w) < 1e-5
+
+
+@triton.jit
+def _split_kernel(x_ptr, hi_ptr, lo_ptr, n, BLOCK: tl.constexpr):
+    r = tl.arange(0, BLOCK)
+    x = tl.load(x_ptr + r, mask=r < n, other=1.0)
+    hi, lo = _split_bf16(x, True)
+    tl.store(hi_ptr + r, hi.to(tl.float32), mask=r < n)
+    tl.store(lo_ptr + r, lo.to(tl.float32), mask=r < n)
+
+
+def test_interpreted_bf16_split_rounds_to_nearest_even_as_the_gpu(gen):
+    """The interpreter's fp32 -> bf16 cast truncates; the emulated split must round as the
+    GPU's conversion (and torch's) does: ties to even, carries into the exponent, both signs."""
+    one = 1.0 + torch.tensor([2**-8, 3 * 2**-8, 2**-8 + 2**-20, -(2**-9), 1 - 2**-24, 2**-12])
+    x = torch.cat([one, -one, torch.randn(200, generator=gen) * torch.exp(8 * torch.randn(200, generator=gen))])
+    hi, lo = torch.empty_like(x), torch.empty_like(x)
+    _split_kernel[(1,)](x, hi, lo, x.numel(), BLOCK=256)
+    want_hi = x.bfloat16().float()
+    assert torch.equal(hi, want_hi)
+    assert torch.equal(lo, (x - want_hi).bfloat16().float())
+
+
+def test_bf16_maps_use_four_bf16_passes():
+    for dtype, want in ((torch.bfloat16, "bf16x4_split"), (torch.float16, "tf32x3"),
+                        (torch.float32, "tf32x3"), (torch.float64, "ieee")):
+        assert config(dtype, 64)["DOT_PRECISION"] == want
+
+
+@pytest.mark.parametrize("dtype", LOW)
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("offset", [0.5, 100.0])
+def test_16bit_map_gram_matches_float64(dtype, channels_last, offset, gen):
+    """Fresh awkward shapes (d spanning two channel blocks). bf16 maps (bf16x4): hi + lo holds
+    e = x − K exactly, only the fp32 sums round (≤ 7e-7 measured, as with exact fp32 products);
+    fp16 maps keep 3xTF32. A tenth of the 1e-5 bound of test_forward_matches_float64_reference."""
+    n, d, h, w = (int(torch.randint(lo, hi, (), generator=gen)) for lo, hi in ((2, 5), (65, 100), (3, 8), (3, 8)))
+    feat = features((n, d, h, w), gen, dtype, channels_last, offset)
+    got = site_stats(feat, chunks=2)
+    want = reference.site_stats(feat.double())
+    for g, w in zip(got, want):
+        assert rel(g, w) < 1e-6
+
+
+def test_bf16x4_gram_has_no_diagonal_bias(gen):
+    """The diagonal's errors, relative to the shifted sums S_ii/N = Ψ_ii + (μ_i − K_i)² that
+    the Gram accumulates, have mean zero within their spread over the channels: |t| = 0.2 here,
+    where dropping lo·lo (bf16x3, every lo² ≥ 0 missing) gives t = −16 (and a max of 6e-6)."""
+    feat = features((4, 96, 9, 11), gen, torch.bfloat16)
+    psi = site_stats(feat)[0].double().diagonal()
+    want_psi, want_mu, _ = reference.site_stats(feat.double())
+    sums = want_psi.diagonal() + (want_mu - feat[0, :, 0, 0].double()) ** 2
+    err = (psi - want_psi.diagonal()) / sums
+    assert err.mean().abs() <= 4 * err.std() / err.numel() ** 0.5
+    assert err.abs().max() < 1e-6
 
 
 @pytest.mark.parametrize("chunks", [1, 2, 3])

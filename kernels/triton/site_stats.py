@@ -7,7 +7,8 @@ fp32/fp16/bf16 (accumulated in fp32) or fp64 (accumulated in fp64). Nothing of s
 
 Forward, two or three launches, no atomics:
   1. ``_site_stats_fwd_kernel``, grid (chunks, nb, nb) over sample chunks and d-blocks
-     I ≤ J: the shifted Gram Σ (x − K)_I (x − K)_Jᵀ of its chunk by ``tl.dot``, the
+     I ≤ J: the shifted Gram Σ (x − K)_I (x − K)_Jᵀ of its chunk on tensor cores (bf16 maps:
+     four bf16 passes over a hi/lo split, exact; fp32/fp16: 3xTF32; ``dot_precision``), the
      shifted per-sample sums (→ pooled) and the chunk's shifted column sums, into row
      ``chunk`` of the workspace (chunks, d² + d). The shift K is the first row of the map
      (a data point, so |μ − K| is of the order of σ and Σ(x−K)(x−K)ᵀ/N − (μ−K)(μ−K)ᵀ does
@@ -52,12 +53,23 @@ def block_d(d: int) -> int:
 
 
 def dot_precision(dtype: torch.dtype) -> str:
-    """fp64: exact fp64 dot. Every other input: 3xTF32 (fp32-accurate on tensor cores). A
-    single TF32 pass is not enough for fp16/bf16 input either: the dot's operands are the
-    *centred* fp32 values x − K, which need more than TF32's 10 mantissa bits, and the
-    fp32 → TF32 conversion of the MMA inputs drops the low bits (a bias of one sign on the
-    diagonal of Ψ, summed over n·h·w rows) instead of rounding them."""
-    return "ieee" if dtype == torch.float64 else "tf32x3"
+    """Precision of the forward's Gram Σ e eᵀ, e = x − K in fp32. fp64: exact fp64 ("ieee").
+    bf16: "bf16x4" — hi = bf16(e), lo = bf16(e − hi), round-to-nearest-even, and all four
+    products hi·hi + hi·lo + lo·hi + lo·lo in fp32: four bf16 passes (989 TFLOP/s each on an
+    H100), 1.5× less tensor-core time than 3xTF32, and exact up to the fp32 sums: e is the
+    sum of two bf16 numbers (exact in fp32 while their exponents are within 16), and the
+    rounding error of such a sum, e − hi, is itself a bf16 number (as in TwoSum), so it is lo.
+    fp32 and fp16: 3xTF32 ("tf32x3", three TF32 passes at 495). For fp16 a bf16 hi + lo holds
+    16 of the up to 22 bits of e and drops the low bits of K alike in every row of a channel:
+    up to 4e-6 of the channel's Σ e² once K is small next to its values, against 1e-7 with
+    3xTF32. Ruled out: a bias of one sign on the diagonal of Ψ, summed over n·h·w rows, which
+    the regularised inverse amplifies by κ — one TF32 pass (the fp32 → TF32 conversion of the
+    MMA inputs drops low bits of e), one bf16 pass, or bf16x3 (lo·lo ≥ 0 dropped: −7e-6 of
+    the diagonal); 3xTF32 has −1e-7 (the MMA truncates its small part to TF32). Measured
+    against float64 by ``bench/bench_gram_precision.py`` (bench/RESULTS.md)."""
+    if dtype == torch.float64:
+        return "ieee"
+    return "bf16x4" if dtype == torch.bfloat16 else "tf32x3"
 
 
 def grad_precision(dtype: torch.dtype) -> str:
@@ -72,9 +84,14 @@ def grad_precision(dtype: torch.dtype) -> str:
 
 
 def config(dtype: torch.dtype, d: int) -> dict:
-    """Constexprs the launchers pick for a (dtype, d) input; the AOT report compiles each."""
+    """Constexprs the launchers pick for a (dtype, d) input; the AOT report compiles each. In
+    the interpreter "bf16x4" runs as "bf16x4_split": the same bf16 parts, rounded as the GPU
+    rounds them, multiplied in fp32 (``_mma_bf16``), so the tests see the real rounding."""
+    precision = dot_precision(dtype)
+    if precision == "bf16x4" and interpreting():
+        precision = "bf16x4_split"
     return {"BLOCK_R": BLOCK_R, "BLOCK_D": block_d(d), "ACC": _TL_DTYPES[acc_dtype(dtype)],
-            "DOT_PRECISION": dot_precision(dtype)}
+            "DOT_PRECISION": precision}
 
 
 def backward_config(dtype: torch.dtype, d: int) -> dict:
@@ -122,7 +139,10 @@ def _site_stats_fwd_kernel(x_ptr, part_ptr, pooled_ptr,
             xj = tl.load(base + rows[:, None] * stride_p + cj[None, :] * stride_c, mask=mask_j, other=0)
             xi = tl.where(mask_i, xi.to(ACC) - shift_i[None, :], 0)
             xj = tl.where(mask_j, xj.to(ACC) - shift_j[None, :], 0)
-            gram = tl.dot(tl.trans(xi), xj, gram, input_precision=DOT_PRECISION)
+            if DOT_PRECISION == "bf16x4" or DOT_PRECISION == "bf16x4_split":
+                gram += _dot_bf16_split(tl.trans(xi), xj, True, DOT_PRECISION == "bf16x4_split")
+            else:
+                gram = tl.dot(tl.trans(xi), xj, gram, input_precision=DOT_PRECISION)
             psum += tl.sum(xi, axis=0)
         if bi == bj:
             tl.store(pooled_ptr + s * d + ci, shift_i + psum / HW, mask=mi)
@@ -178,20 +198,46 @@ def _site_stats_finalize_kernel(x_ptr, part_ptr, psi_ptr, mu_ptr,
 
 
 @triton.jit
-def _split_bf16(x):
-    """fp32 x as hi + lo, both bf16 values (held in fp32)."""
-    hi = x.to(tl.bfloat16).to(tl.float32)
-    return hi, (x - hi).to(tl.bfloat16).to(tl.float32)
+def _round_bf16(x, EMULATE: tl.constexpr):
+    """fp32 x rounded to the nearest bf16 value, ties to even, as a bf16 tensor: what the GPU's
+    conversion does. The interpreter's ``.to(tl.bfloat16)`` truncates instead, so EMULATE
+    rounds the fp32 bits first (carries go into the exponent), and the cast is then exact."""
+    if EMULATE:
+        bits = x.to(tl.uint32, bitcast=True)
+        x = (((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16) << 16).to(tl.float32, bitcast=True)
+    return x.to(tl.bfloat16)
 
 
 @triton.jit
-def _dot_bf16x3_split(a, b, acc):
-    """acc + a·b as Triton's "bf16x3" computes it (hi·hi + hi·lo + lo·hi), in fp32 dots."""
-    a_hi, a_lo = _split_bf16(a)
-    b_hi, b_lo = _split_bf16(b)
-    acc = tl.dot(a_lo, b_hi, acc, input_precision="ieee")
-    acc = tl.dot(a_hi, b_lo, acc, input_precision="ieee")
-    return tl.dot(a_hi, b_hi, acc, input_precision="ieee")
+def _split_bf16(x, EMULATE: tl.constexpr):
+    """fp32 x as bf16 hi + lo, hi = bf16(x), lo = bf16(x − hi), both round-to-nearest-even."""
+    hi = _round_bf16(x, EMULATE)
+    return hi, _round_bf16(x - hi.to(tl.float32), EMULATE)
+
+
+@triton.jit
+def _mma_bf16(a, b, acc, EMULATE: tl.constexpr):
+    """acc + a·b of bf16 a, b: a bf16 tensor-core product with fp32 accumulation on a GPU. The
+    interpreter's bf16 ``tl.dot`` multiplies the raw bits, so EMULATE multiplies the same values
+    in fp32, where their products are exact."""
+    if EMULATE:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    return tl.dot(a, b, acc)
+
+
+@triton.jit
+def _dot_bf16_split(a, b, LO_LO: tl.constexpr, EMULATE: tl.constexpr):
+    """a·b of fp32 a, b from their bf16 hi/lo parts (``_split_bf16``), summed from zero in
+    fp32, smallest products first: lo·lo (when LO_LO) + lo·hi + hi·lo + hi·hi. Without lo·lo
+    it is Triton's "bf16x3" decomposition (a fresh sum, which the caller adds to its own)."""
+    a_hi, a_lo = _split_bf16(a, EMULATE)
+    b_hi, b_lo = _split_bf16(b, EMULATE)
+    acc = tl.zeros((a.shape[0], b.shape[1]), dtype=tl.float32)
+    if LO_LO:
+        acc = _mma_bf16(a_lo, b_lo, acc, EMULATE)
+    acc = _mma_bf16(a_lo, b_hi, acc, EMULATE)
+    acc = _mma_bf16(a_hi, b_lo, acc, EMULATE)
+    return _mma_bf16(a_hi, b_hi, acc, EMULATE)
 
 
 @triton.jit
@@ -215,7 +261,7 @@ def _site_stats_bwd_kernel(x_ptr, mu_ptr, g_ptr, dmu_ptr, dpooled_ptr, dx_ptr,
         xc = tl.where(mask_x, x.to(ACC) - mu[None, :], 0)
         g_sym = tl.load(g_ptr + ci[:, None] * d + cj[None, :], mask=mi[:, None] & mj[None, :], other=0)
         if GRAD_PRECISION == "bf16x3_split":
-            acc = _dot_bf16x3_split(xc, g_sym, acc)
+            acc += _dot_bf16_split(xc, g_sym, False, True)
         else:
             acc = tl.dot(xc, g_sym, acc, input_precision=GRAD_PRECISION)
     dmu = tl.load(dmu_ptr + cj, mask=mj, other=0)
