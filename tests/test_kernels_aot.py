@@ -54,6 +54,9 @@ def test_graph_safe_beta_pointer_single_chunk_finalize_and_backward_operands(rep
     assert any(k == "_site_stats_finalize_kernel" and "chunks=1" in v for k, v in variants)
     assert {v.split("GRAD_PRECISION=")[1].split(",")[0] for k, v in variants if k == "_site_stats_bwd_kernel"} == \
         {"ieee", "bf16x3"}
+    # the forward Gram: bf16 maps in four bf16 passes, fp32/fp16 in 3xTF32, fp64 exact
+    assert {v.split("DOT_PRECISION=")[1].split(",")[0] for k, v in variants if k == "_site_stats_fwd_kernel"} == \
+        {"ieee", "tf32x3", "bf16x4"}
 
 
 def test_every_launch_is_set_against_the_sm_count(report):

@@ -76,7 +76,7 @@ def grad_precision(dtype: torch.dtype) -> str:
     """Input precision of the backward's (X − μ)·S product: "ieee" (exact) for fp64, else
     "bf16x3": each fp32 operand split into bf16 hi + lo parts and hi·hi + hi·lo + lo·hi
     accumulated in fp32 — three bf16 tensor-core passes (989 TFLOP/s on an H100), half the
-    time of the forward's 3xTF32 (three passes at 495), with operands good to 2^-16 relative.
+    time of 3xTF32 (three passes at 495), with operands good to 2^-16 relative.
     A single TF32 or bf16 pass is not enough: the loss's S = (G + Gᵀ)/N comes through the
     inverse's backward, and doctor's CFM-loss gradient then lost 3e-3 (TF32) / 2.7e-2 (bf16)
     against float64, at the edge of its tolerance (tests/test_kernels_site_stats.py)."""
@@ -227,9 +227,11 @@ def _mma_bf16(a, b, acc, EMULATE: tl.constexpr):
 
 @triton.jit
 def _dot_bf16_split(a, b, LO_LO: tl.constexpr, EMULATE: tl.constexpr):
-    """a·b of fp32 a, b from their bf16 hi/lo parts (``_split_bf16``), summed from zero in
-    fp32, smallest products first: lo·lo (when LO_LO) + lo·hi + hi·lo + hi·hi. Without lo·lo
-    it is Triton's "bf16x3" decomposition (a fresh sum, which the caller adds to its own)."""
+    """a·b of fp32 a, b from their bf16 hi/lo parts (``_split_bf16``), smallest products
+    first: lo·lo (when LO_LO) + lo·hi + hi·lo + hi·hi (without lo·lo: Triton's "bf16x3").
+    Summed from zero, as Triton's 3xTF32 and bf16x3 do: the caller adds this tile's product
+    to its running sum in an fp32 add that rounds to nearest, not in the tensor cores'
+    accumulator, whose rounding is the hardware's (not specified as round-to-nearest)."""
     a_hi, a_lo = _split_bf16(a, EMULATE)
     b_hi, b_lo = _split_bf16(b, EMULATE)
     acc = tl.zeros((a.shape[0], b.shape[1]), dtype=tl.float32)
