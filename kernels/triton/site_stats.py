@@ -59,13 +59,13 @@ def dot_precision(dtype: torch.dtype) -> str:
     H100), 1.5× less tensor-core time than 3xTF32, and exact up to the fp32 sums: e is the
     sum of two bf16 numbers (exact in fp32 while their exponents are within 16), and the
     rounding error of such a sum, e − hi, is itself a bf16 number (as in TwoSum), so it is lo.
-    fp32 and fp16: 3xTF32 ("tf32x3", three TF32 passes at 495). For fp16 a bf16 hi + lo holds
-    16 of the up to 22 bits of e and drops the low bits of K alike in every row of a channel:
-    up to 4e-6 of the channel's Σ e² once K is small next to its values, against 1e-7 with
-    3xTF32. Ruled out: a bias of one sign on the diagonal of Ψ, summed over n·h·w rows, which
+    fp32 and fp16: 3xTF32 ("tf32x3", three TF32 passes at 495). For fp16 e needs 11 bits plus
+    the exponent gap of x and K, beyond a bf16 hi + lo's 16 once the gap passes 5, and the
+    rest (K's low bits, alike in every row of a channel) would be dropped: up to 4e-6 of the
+    channel's Σ e² when K is small next to its values, against 1e-7 with 3xTF32. Ruled out: a bias of one sign on the diagonal of Ψ, summed over n·h·w rows, which
     the regularised inverse amplifies by κ — one TF32 pass (the fp32 → TF32 conversion of the
-    MMA inputs drops low bits of e), one bf16 pass, or bf16x3 (lo·lo ≥ 0 dropped: −7e-6 of
-    the diagonal); 3xTF32 has −1e-7 (the MMA truncates its small part to TF32). Measured
+    MMA inputs drops low bits of e), one bf16 pass, or bf16x3 (lo·lo ≥ 0 dropped: up to −9e-6
+    of the diagonal); 3xTF32 has up to −2e-7 (the MMA truncates its small part). Measured
     against float64 by ``bench/bench_gram_precision.py`` (bench/RESULTS.md)."""
     if dtype == torch.float64:
         return "ieee"
