@@ -1,8 +1,8 @@
 """H100 roofline PREDICTIONS for the Triton kernels, at ResNet-18 geometry (the model:
 ``unidd_fast/roofline/ops.py``; this script prints its tables).
 
-For every kernel: FLOPs (at the precision it runs: TF32, 3xTF32 = three TF32 products, or
-fp32 SIMT), HBM bytes, predicted time = max(FLOPs / peak, bytes / bandwidth), and which term
+For every kernel: FLOPs (at the precision it runs: TF32, 3xTF32 = three TF32 products,
+bf16x4 / bf16x3 = four / three bf16 products, or fp32 SIMT), HBM bytes, predicted time = max(FLOPs / peak, bytes / bandwidth), and which term
 is larger. Nothing here is measured on a GPU; the Newton–Schulz iteration counts are
 measured (CPU, float64) on synthetic covariances.
 

@@ -1,7 +1,7 @@
 """H100 roofline PREDICTION of a full recover step (``roofline_step_*.json``): the teacher per
 layer (forward + input backward), augmentation, Adam + clip, the CFM loss as the code runs it
 on CUDA with ``auto`` (the Triton statistics at the kernels' precisions:
-3xTF32 Gram, bf16x3 backward; the inverse in float64 on cuSOLVER, which every synthetic
+Gram bf16x4 for bf16 maps and 3xTF32 for fp32, bf16x3 backward; the inverse in float64 on cuSOLVER, which every synthetic
 inverse takes inside the CUDA-graph capture that recover uses on CUDA by default, with
 the per-matrix latency model of ``bench_cuda_roofline.py``), the SRe2L BN loss at its fused ideal,
 and launch gaps of a replayed CUDA graph; totals give the predicted CFM overhead over the

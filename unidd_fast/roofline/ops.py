@@ -21,7 +21,7 @@ from .hardware import ELEM, HBM, PEAK, SMS, term
 TORCH_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 # (tensor-core passes, peak) per input precision of the Triton kernels' dots
 PRECISION = {"tf32x3": (3, PEAK["tf32"]), "tf32": (1, PEAK["tf32"]), "bf16x3": (3, PEAK["bf16"]),
-             "ieee": (1, PEAK["fp32"])}
+             "bf16x4": (4, PEAK["bf16"]), "ieee": (1, PEAK["fp32"])}
 
 # ASSUMPTIONS of the Cholesky latency model, to be replaced by measurements: one serial
 # step of the in-register B×B tile factorisation/inverse (a masked row/column extraction =
@@ -35,7 +35,7 @@ def site_stats_fwd(n, d, h, w, dtype):
     """One pass over X (HBM once: the nb re-reads of other channel blocks hit the 50 MB L2;
     every map of these geometries that needs them, d ≥ 128, is ≤ 40 MB), Gram on tensor cores
     over the I ≤ J tile pairs, padded rows included, at the occupancy of the launcher's grid,
-    with the kernel's dot precision (3xTF32 for every feature dtype: three TF32 products);
+    with the kernel's dot precision (bf16 maps: bf16x4, four bf16 products; fp32: 3xTF32);
     partial Grams (chunks·(d² + d)) written by it, summed in two fixed-order levels: the reduce
     kernel (groups of ⌈√chunks⌉ rows) and the finalize over the group sums, each kernel at its
     grid's share of the bandwidth (the finalize's nb² programs are a few for d ≤ 512: the
