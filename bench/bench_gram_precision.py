@@ -13,8 +13,9 @@ exact in float64, so each column isolates what the split drops):
 nearest), added to one running fp32 Gram (a single chunk: the longest sequential sum). The
 reference is float64 on the same rounded 16-bit map. Ψ = S/N − m mᵀ shares m between schemes,
 so ΔΨ = ΔS/N. Metrics: ‖ΔΨ‖_F/‖Ψ‖_F, max |ΔΨ_ij|/√(Ψ_ii Ψ_jj), max |ΔS_ii|/S_ii (a channel's
-systematic error), the mean relative diagonal error ΔΨ_ii/Ψ_ii and its t statistic (mean over its standard error across the d channels: |t| ≫ 1
-is a bias of one sign, which κ amplifies in the regularised inverse).
+systematic error), the mean relative diagonal error ΔΨ_ii/Ψ_ii and its t statistic (mean over
+its standard error across the d channels: |t| ≫ 1 is a bias of one sign, which κ amplifies in
+the regularised inverse).
 
     python bench/bench_gram_precision.py [--rows 100 10000 1000000] [--d 32] [--seed 0]
 """
@@ -30,6 +31,7 @@ from common import report
 TILE = 32  # rows per tl.dot of the kernel (site_stats.BLOCK_R)
 SCHEMES = ("tf32x3", "bf16x4", "bf16x3")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+ACC_METRICS = ("rel_fro", "diag_bias", "diag_t")
 
 
 def round_fp32(x: torch.Tensor, dropped_bits: int, mode: str) -> torch.Tensor:
@@ -140,14 +142,14 @@ def main(argv=None):
                 psi = psi_ref(x.double())
                 shift_mean = x.double().mean(0) - x[0].double()  # μ − K
                 split, acc = gram_errors(x)
-                for k, scheme in enumerate(SCHEMES):
+                for i, scheme in enumerate(SCHEMES):
                     row = {"rows": n, "family": family, "dtype": dname, "scheme": scheme}
-                    row.update({f"split_{k}": v for k, v in summarise(split[k], psi, shift_mean, n).items()})
-                    row.update({f"acc_{k}": v for k, v in summarise(acc[k], psi, shift_mean, n).items() if k in ("rel_fro", "diag_bias", "diag_t")})
+                    row.update({f"split_{name}": v for name, v in summarise(split[i], psi, shift_mean, n).items()})
+                    row.update({f"acc_{name}": v for name, v in summarise(acc[i], psi, shift_mean, n).items()
+                                if name in ACC_METRICS})
                     rows.append(row)
-    columns = ["rows", "family", "dtype", "scheme", "split_rel_fro", "split_max_corr", "split_max_diag", "split_diag_bias",
-               "split_diag_t",
-               "acc_rel_fro", "acc_diag_bias", "acc_diag_t"]
+    columns = ["rows", "family", "dtype", "scheme", "split_rel_fro", "split_max_corr", "split_max_diag",
+               "split_diag_bias", "split_diag_t"] + [f"acc_{name}" for name in ACC_METRICS]
     report("gram_precision", rows, columns, {"d": args.d, "seed": args.seed, "tile_rows": TILE})
 
 

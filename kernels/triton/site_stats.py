@@ -62,11 +62,12 @@ def dot_precision(dtype: torch.dtype) -> str:
     fp32 and fp16: 3xTF32 ("tf32x3", three TF32 passes at 495). For fp16 e needs 11 bits plus
     the exponent gap of x and K, beyond a bf16 hi + lo's 16 once the gap passes 5, and the
     rest (K's low bits, alike in every row of a channel) would be dropped: up to 4e-6 of the
-    channel's Σ e² when K is small next to its values, against 1e-7 with 3xTF32. Ruled out: a bias of one sign on the diagonal of Ψ, summed over n·h·w rows, which
-    the regularised inverse amplifies by κ — one TF32 pass (the fp32 → TF32 conversion of the
-    MMA inputs drops low bits of e), one bf16 pass, or bf16x3 (lo·lo ≥ 0 dropped: up to −9e-6
-    of the diagonal); 3xTF32 has up to −2e-7 (the MMA truncates its small part). Measured
-    against float64 by ``bench/bench_gram_precision.py`` (bench/RESULTS.md)."""
+    channel's Σ e² when K is small next to its values, against 1e-7 with 3xTF32. Ruled out:
+    a bias of one sign on the diagonal of Ψ, summed over n·h·w rows, which the regularised
+    inverse amplifies by κ — one TF32 pass (the fp32 → TF32 conversion of the MMA inputs
+    drops low bits of e), one bf16 pass, or bf16x3 (lo·lo ≥ 0 dropped: up to −9e-6 of the
+    diagonal); 3xTF32 has up to −2e-7 (the MMA truncates its small part). Measured against
+    float64 by ``bench/bench_gram_precision.py`` (bench/RESULTS.md)."""
     if dtype == torch.float64:
         return "ieee"
     return "bf16x4" if dtype == torch.bfloat16 else "tf32x3"
