@@ -60,6 +60,26 @@ def test_interpreted_bf16_split_rounds_to_nearest_even_as_the_gpu(gen):
     assert torch.equal(lo, (x - want_hi).bfloat16().float())
 
 
+def test_bf16_split_of_a_bf16_difference_is_exact(gen):
+    """Why bf16x4 is exact on bf16 maps: e = x − K of bf16 x and K (exponents within 16, so
+    e is exact in fp32) is hi + lo exactly — the rounding error of a sum of two bf16 numbers
+    is a bf16 number. An fp16 difference is not (11-bit significands: the fp16 maps' reason
+    to keep 3xTF32)."""
+    def values(dtype):  # ±[1, 2)·2^k, k in [-8, 7]: exponents at most 15 apart
+        sign = torch.randint(0, 2, (4096,), generator=gen).double() * 2 - 1
+        scale = torch.exp2(torch.randint(-8, 8, (4096,), generator=gen).double())
+        return (sign * scale * (1 + torch.rand(4096, generator=gen, dtype=torch.float64))).to(dtype).float()
+
+    def diffs(dtype):
+        return values(dtype) - values(dtype)
+
+    for dtype, exact in ((torch.bfloat16, True), (torch.float16, False)):
+        e = diffs(dtype)
+        hi, lo = torch.empty_like(e), torch.empty_like(e)
+        _split_kernel[(1,)](e, hi, lo, e.numel(), BLOCK=4096)
+        assert torch.equal(hi.double() + lo.double(), e.double()) == exact
+
+
 def test_bf16_maps_use_four_bf16_passes():
     for dtype, want in ((torch.bfloat16, "bf16x4_split"), (torch.float16, "tf32x3"),
                         (torch.float32, "tf32x3"), (torch.float64, "ieee")):
