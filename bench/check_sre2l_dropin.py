@@ -22,13 +22,14 @@ and ``CDA/``). Not part of the test suite: it needs their repository. In ``--wor
    for CDA also a stand-in ``wandb`` module on the path (wandb is not installed here);
 5. runs ``base`` over ipc ids 0..ipc−1 in one process, and ``cfm`` split in two processes by
    ipc range with ``--cfm-emu-state`` (patch e.), then the second part once more, which must
-   be refused (its state file now ends after the last ipc id); then prints the first/last printed ``loss_r_bn_feature`` of every class-batch
-   and the images written, and writes ``check_sre2l.json`` in ``--work``.
+   be refused (its state file now ends after the last ipc id); prints the first and last
+   printed ``loss_r_bn_feature`` of every class-batch and the images written, and writes
+   ``check_sre2l.json`` in ``--work``.
 
-It exits 1 if a run fails, a feature loss does not decrease over a class-batch, or an image
-is missing. CDA's in1k script prints losses only with ``--verifier``, which stops it after
-its first class-batch (see docs/sre2l.md), so for ``cda_in1k`` each process makes one
-class-batch of its first ipc id.
+It exits 1 if a run fails, a feature loss does not decrease over a class-batch, an image is
+missing or the wrong range is not refused. CDA's in1k script prints losses only with
+``--verifier``, which stops it after its first class-batch (see docs/sre2l.md), so for
+``cda_in1k`` each run is one process that makes one class-batch, and ``cfm`` is not split.
 """
 from __future__ import annotations
 
