@@ -26,8 +26,13 @@ and ``CDA/``). Not part of the test suite: it needs their repository. In ``--wor
    printed ``loss_r_bn_feature`` of every class-batch and the images written, and writes
    ``check_sre2l.json`` in ``--work``.
 
-It exits 1 if a run fails, a feature loss does not decrease over a class-batch, an image is
-missing or the wrong range is not refused. CDA's in1k script prints losses only with
+It exits 1 if a run fails, a printed loss is not finite, an image is missing, the wrong range
+is not refused, or a feature loss does not decrease over a class-batch: every class-batch of
+``base``, the first of ``cfm``. Later CFM class-batches match the EMU blend, in which the
+finished batches' statistics are fixed, and with fewer than 11 images per class-batch the
+7×7 ``layer4`` sites see fewer rows (n·49) than channels (512): the filter term then has a
+floor the images cannot lower (docs/sre2l.md, "Checked against"), so 20 iterations of them
+need not decrease. CDA's in1k script prints losses only with
 ``--verifier``, which stops it after its first class-batch (see docs/sre2l.md), so for
 ``cda_in1k`` each run is one process that makes one class-batch, and ``cfm`` is not split.
 """
@@ -35,6 +40,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import re
 import shutil
@@ -295,10 +301,12 @@ def main(argv=None) -> int:
             result["refused_wrong_range"] = refused.strip().splitlines()[-1]
             ok &= "run the earlier ranges first" in result["refused_wrong_range"]
         images = sorted(str(p.relative_to(work)) for p in (work / "syn" / name).glob("new*/*.jpg"))
-        decreasing = all(len(b) >= 2 and b[-1] < b[0] for b in batches)
-        ok &= bool(batches) and decreasing and bool(images)
-        result["runs"][name] = {"command": " ".join(cmd + parts[0]), "class_batches": batches,
-                                "decreasing": decreasing, "images": images}
+        decreasing = [len(b) >= 2 and b[-1] < b[0] for b in batches]
+        finite = all(math.isfinite(v) for b in batches for v in b)
+        # base: every class-batch; cfm: the first (see the docstring)
+        ok &= bool(batches) and finite and all(decreasing if name == "base" else decreasing[:1]) and bool(images)
+        result["runs"][name] = {"commands": [" ".join(cmd + extra) for extra in parts], "class_batches": batches,
+                                "decreasing": decreasing, "finite": finite, "images": images}
         print(f"{name}: {len(batches)} class-batches, loss_r_bn_feature first -> last: "
               + ", ".join(f"{b[0]:.4g} -> {b[-1]:.4g}" for b in batches if b) + f"; {len(images)} images")
     if args.script == "sre2l":
