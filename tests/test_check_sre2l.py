@@ -124,6 +124,11 @@ def test_parse_log_splits_class_batches():
     assert check.parse_log(log) == [[3.5, 2.25], [4.0, 0.1]]
 
 
+def test_end_means_average_a_fifth_at_each_end():
+    assert check.end_means([9.0, 7.0, 5.0, 6.0, 4.0, 3.0, 2.0, 1.0, 2.0, 0.0]) == (8.0, 1.0)
+    assert check.end_means([3.0, 2.0]) == (3.0, 2.0)
+
+
 def make_teacher(path=None):
     """The script's ``from utils import *`` gives it this (and no BNFeatureHook: the patch removes its use)."""
     teacher = nn.Sequential(nn.Conv2d(3, 5, 3, padding=1), nn.BatchNorm2d(5), nn.ReLU(),
