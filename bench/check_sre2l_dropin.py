@@ -243,6 +243,8 @@ def run(cmd: list[str], cwd: Path, env: dict, log: Path, expect_ok: bool = True)
                          f"log {log}:\n{tail}")
     return proc.stdout + proc.stderr
 
+MARKER = ".check_sre2l_dropin"  # in --work: a folder this check made
+
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -262,7 +264,11 @@ def main(argv=None) -> int:
         parser.error("--classes must be a multiple of --batch-size (their l2 prior reshapes by batch size) "
                      "and --ipc at least 2 (the cfm run is split after ipc id 0)")
     work = args.work or Path(tempfile.mkdtemp(prefix="sre2l_check_"))
+    marker = work / MARKER  # what this check writes it may replace on a rerun; nothing else
+    if work.is_dir() and any(work.iterdir()) and not marker.exists():
+        parser.error(f"--work {work} holds files this check did not write; give a new or empty folder")
     work.mkdir(parents=True, exist_ok=True)
+    marker.touch()
 
     blocks = doc_blocks(DOCS.read_text())
     data, torch_home, stats = work / "fake_imagenet", work / "torch_home", work / "stats.safetensors"

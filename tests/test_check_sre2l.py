@@ -192,3 +192,18 @@ def test_documented_patch_runs_split_by_ipc_range_like_one_run(tmp_path, monkeyp
     with pytest.raises(SystemExit, match="holds 6 class-batches, not those of ipc ids 0..1"):
         _run(script, common + ["--cfm-emu-state", str(tmp_path / "one.emu"), "--out", str(tmp_path / "one"),
                                "--ipc-start", "2", "--ipc-end", "3"], monkeypatch, capsys)
+
+
+def test_the_check_refuses_a_work_folder_it_did_not_make(tmp_path, capsys):
+    checkout = tmp_path / "SRe2L"
+    src = checkout / check.SCRIPTS["sre2l"] / check.MAIN["sre2l"]
+    src.parent.mkdir(parents=True)
+    src.write_text("# stand-in\n")
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "base").mkdir()
+    (work / "base" / "mine.txt").write_text("a user's file")
+    with pytest.raises(SystemExit) as exit_info:
+        check.main([str(checkout), "--work", str(work)])
+    assert exit_info.value.code == 2 and "did not write" in capsys.readouterr().err
+    assert (work / "base" / "mine.txt").read_text() == "a user's file"
