@@ -2,7 +2,7 @@
 that capture them."""
 from __future__ import annotations
 
-from typing import Callable, Iterable
+from typing import Callable, Iterable, NamedTuple
 
 import torch
 from torch import nn
@@ -77,14 +77,67 @@ class SiteHooks:
         self.remove()
 
 
-def site_input_shapes(model: nn.Module, sites, input_shape: tuple) -> dict[str, tuple]:
-    """{site name: (d, h, w)} of every site's input, in hook order, from one forward of a zero
-    image of ``input_shape`` (c, h, w) in eval mode (BatchNorm statistics untouched; the
-    model's mode is restored), in the dtype and on the device of the model's parameters."""
-    shapes: dict = {}
+class Call(NamedTuple):
+    """One module call of a shape probe: the module's name and the module, whether it is a leaf
+    (no children), and the per-image shapes (batch dimension dropped) of its first positional
+    input and of its output (None where that is not a tensor)."""
+
+    name: str
+    module: nn.Module
+    leaf: bool
+    input: tuple | None
+    output: tuple | None
+
+
+def _shape(x) -> tuple | None:
+    return tuple(x.shape[1:]) if isinstance(x, torch.Tensor) else None
+
+
+def module_calls(model: nn.Module, input_shape: tuple) -> list[Call]:
+    """Every module call of one forward of a zero image of ``input_shape`` (c, h, w), in the
+    order the calls begin (a module called twice, like a ResNet block's shared ReLU, appears
+    twice): the one shape probe that site shapes (``site_input_shapes``) and per-layer costs
+    (``roofline.teacher.teacher_layers``) derive from. Eval mode (BatchNorm statistics
+    untouched; the model's mode is restored), no autograd, in the dtype and on the device of the
+    model's parameters."""
+    calls: list[Call] = []
+    open_calls: list[int] = []  # indices of the calls begun and not yet returned (they nest)
+
+    def before(name, module):
+        def hook(_, args):
+            open_calls.append(len(calls))
+            calls.append(Call(name, module, not any(True for _ in module.children()), _shape(args[0]) if args else None,
+                              None))
+        return hook
+
+    def after(_, args, out):
+        i = open_calls.pop()
+        calls[i] = calls[i]._replace(output=_shape(out))
+
+    handles = []
+    for name, module in model.named_modules():
+        handles += [module.register_forward_pre_hook(before(name, module)), module.register_forward_hook(after)]
     param = next(model.parameters())
-    with SiteHooks(model, sites, lambda name, feat: shapes.__setitem__(name, tuple(feat.shape[1:]))), torch.no_grad():
-        was_training = model.training
-        model.eval()(torch.zeros(1, *input_shape, dtype=param.dtype, device=param.device))
+    was_training = model.training
+    try:
+        with torch.no_grad():
+            model.eval()(torch.zeros(1, *input_shape, dtype=param.dtype, device=param.device))
+    finally:
         model.train(was_training)
+        for handle in handles:
+            handle.remove()
+    return calls
+
+
+def site_input_shapes(model: nn.Module, sites, input_shape: tuple, calls: list[Call] | None = None
+                      ) -> dict[str, tuple]:
+    """{site name: (d, h, w)} of every site's input, in call order, from ``calls`` (those of
+    ``module_calls(model, input_shape)``; probed here when not given)."""
+    names: dict[nn.Module, list[str]] = {}
+    for name, module in resolve_sites(model, sites):
+        names.setdefault(module, []).append(name)
+    shapes: dict = {}
+    for call in calls if calls is not None else module_calls(model, input_shape):
+        for name in names.get(call.module, ()):
+            shapes[name] = call.input
     return shapes

@@ -18,7 +18,9 @@ the time, twice:
 Nothing reads the dataset: its shape comes from the config (class count, split sizes of
 the known datasets), so ImageNet-1K can be planned on a laptop. Memory figures are
 estimates from tensor sizes (weights, optimiser states, activations kept for backward,
-statistics, the data loader's prefetched batches), not measurements.
+statistics, the data loader's prefetched batches), each stage's at the dtype it runs in
+(squeeze, stats, evaluate fp32; recover its precision), not measurements. Every layer shape
+comes from one probe per network (``sites.module_calls``), shared by all the estimates.
 """
 from __future__ import annotations
 
@@ -38,7 +40,7 @@ from ..real_stats import collect_real_stats
 from ..roofline.hardware import ELEM
 from ..roofline.step import STEP_OF_LOSS, full_step, stats_pass_seconds, step_totals, train_step_seconds
 from ..roofline.teacher import teacher_layers
-from ..sites import site_input_shapes
+from ..sites import Call, module_calls, site_input_shapes
 from .augment import make_augment
 from .config import Config
 from .datasets import resolve_workers
@@ -141,6 +143,8 @@ class Probe:
         self.clock = _clock(device)
         self.teacher = self._model(cfg.model.arch).to(device).eval().requires_grad_(False)
         self.student = self._model(cfg.evaluate.arch or cfg.model.arch).to(device)
+        # the shape probe of each network at the run's input: every shape the estimates need
+        self.calls = {m: module_calls(m, (self.channels, self.side, self.side)) for m in (self.teacher, self.student)}
         self.mean = tuple(d.mean) or (0.5,) * self.channels
         self.std = tuple(d.std) or (0.25,) * self.channels
 
@@ -156,7 +160,8 @@ class Probe:
 
     def site_shapes(self) -> list[tuple]:
         """(d, h, w) of every site of the teacher."""
-        shapes = site_input_shapes(self.teacher, self.cfg.recover.sites, (self.channels, self.side, self.side))
+        shapes = site_input_shapes(self.teacher, self.cfg.recover.sites, (self.channels, self.side, self.side),
+                                   self.calls[self.teacher])
         return list(shapes.values())
 
     def stats_step(self):
@@ -212,21 +217,40 @@ class Probe:
         return _timed(step, self.clock) / self.batch
 
 
-def _activations(model, side: int, channels: int, dtype: str) -> int:
-    """Bytes per image of every leaf layer's output (what a backward pass keeps)."""
-    return sum(layer["out"] for layer in teacher_layers(model, side, 1, dtype, channels)) * ELEM[dtype]
+def kept_activations(model, calls: list[Call], dtype: str) -> int:
+    """Bytes per image of every leaf layer's output and residual sum in ``dtype`` ("bf16" |
+    "fp32"): what a backward pass keeps. ``calls``: ``module_calls`` of ``model``."""
+    c, side = calls[0].input[0], calls[0].input[-1]  # the first call is the model's own: its input, the image
+    return sum(layer["out"] for layer in teacher_layers(model, side, 1, dtype, c, calls)) * ELEM[dtype]
 
 
-def h100_recover_step(cfg: Config, teacher, num_classes: int) -> float:
+def live_activations(calls: list[Call], dtype: str) -> int:
+    """Bytes per image that a forward without autograd holds at once in ``dtype``: the largest
+    input + output of a leaf layer, and a residual identity as large as the largest output."""
+    leaves = [c for c in calls if c.leaf]
+    largest = max(math.prod(c.input) + math.prod(c.output) for c in leaves)
+    return (largest + max(math.prod(c.output) for c in leaves)) * ELEM[dtype]
+
+
+def optimizer_states(kind: str, momentum: float) -> int:
+    """fp32 tensors per parameter that ``train.make_optimizer`` keeps: two moments for Adam and
+    AdamW, a momentum buffer for SGD with momentum > 0."""
+    return 2 if kind in ("adam", "adamw") else int(momentum > 0)
+
+
+def h100_recover_step(cfg: Config, teacher, num_classes: int, calls: list[Call] | None = None) -> float:
     """PREDICTION: seconds of one recover step of ``teacher`` on an H100 — the total of
     ``roofline.step.full_step`` for the configured loss (``STEP_OF_LOSS``) at a class-batch
     of min(batch_size, classes) images, the precision and CUDA-graph mode ``recover`` resolves
-    on CUDA, and the loss's sites (the BatchNorm inputs for SRe2L)."""
+    on CUDA, and the loss's sites (the BatchNorm inputs for SRe2L). ``calls``: the teacher's
+    ``module_calls`` at the configured input, probed here when not given."""
     rc, d = cfg.recover, cfg.data
     options = resolve_options(rc, torch.device("cuda"))
-    sites = site_input_shapes(teacher, "bn" if rc.loss == "sre2l" else rc.sites, (d.channels, d.image_size, d.image_size))
+    calls = calls if calls is not None else module_calls(teacher, (d.channels, d.image_size, d.image_size))
+    sites = site_input_shapes(teacher, "bn" if rc.loss == "sre2l" else rc.sites, (d.channels, d.image_size, d.image_size),
+                              calls)
     rows = full_step(teacher, sites, min(rc.batch_size, num_classes), options.precision, d.image_size, d.channels,
-                     num_classes, options.cuda_graphs, cfg.model.arch)
+                     num_classes, options.cuda_graphs, cfg.model.arch, calls)
     return step_totals(rows, cfg.model.arch)[STEP_OF_LOSS[rc.loss]] * 1e-6
 
 
@@ -252,17 +276,23 @@ def run(cfg: Config, world: int = 1, teacher_checkpoint: bool = False) -> str:
     with tempfile.TemporaryDirectory() as tmp:
         stats.save(Path(tmp) / "stats.safetensors")
         stats_bytes = (Path(tmp) / "stats.safetensors").stat().st_size
-    teacher_bytes = _tensor_bytes(probe.teacher.state_dict().values())
+    teacher_bytes = _tensor_bytes(probe.teacher.state_dict().values())  # weights and BatchNorm buffers, fp32
+    student_bytes = _tensor_bytes(probe.student.state_dict().values())
+    teacher_params = _tensor_bytes(probe.teacher.parameters())
     student_params = _tensor_bytes(probe.student.parameters())
-    act_teacher = _activations(probe.teacher, d.image_size, d.channels, dtype)
-    act_student = _activations(probe.student, d.image_size, d.channels, dtype)
+    calls_t, calls_s = probe.calls[probe.teacher], probe.calls[probe.student]
+    # squeeze, stats and evaluate run in fp32 without autocast (TF32 tensor cores); recover at its precision
+    act_train_teacher = kept_activations(probe.teacher, calls_t, "fp32")  # squeeze trains the teacher
+    act_train_student = kept_activations(probe.student, calls_s, "fp32")  # evaluate trains the student
+    act_forward_teacher = live_activations(calls_t, "fp32")  # stats' and evaluate's teacher: no autograd
+    act_recover = kept_activations(probe.teacher, calls_t, dtype)  # recover's input backward
 
-    # squeeze, stats and evaluate run in fp32 (TF32 tensor cores); recover at its precision
     def train_s(model, batch: int) -> float:
-        return train_step_seconds(model, batch, "fp32", d.image_size, d.channels)
+        return train_step_seconds(model, batch, "fp32", d.image_size, d.channels, probe.calls[model])
 
     def forward_s(batch: int, with_sites: bool = False) -> float:
-        return stats_pass_seconds(probe.teacher, sites if with_sites else (), batch, "fp32", d.image_size, d.channels)
+        return stats_pass_seconds(probe.teacher, sites if with_sites else (), batch, "fp32", d.image_size, d.channels,
+                                  calls_t)
 
     k = min(rc.batch_size, shape.num_classes)
     rows = []
@@ -274,7 +304,9 @@ def run(cfg: Config, world: int = 1, teacher_checkpoint: bool = False) -> str:
     loader_host = workers * PREFETCH * sq.batch_size * pixels * 4
     rows.append(dict(stage="squeeze", steps=steps, images=epochs * shape.train,
                      outputs={"teacher.safetensors": teacher_bytes, "checkpoints/squeeze.pt": 3 * teacher_bytes},
-                     device=4 * teacher_bytes + sq.batch_size * act_teacher,
+                     # weights, gradients, optimiser states; per image its activations, the batch and its augmented copy
+                     device=teacher_bytes + (1 + optimizer_states(sq.optimizer, sq.momentum)) * teacher_params
+                     + sq.batch_size * (act_train_teacher + 2 * pixels * 4),
                      host=base_rss + loader_host,
                      here=epochs * shape.train * t_squeeze,
                      h100=steps * train_s(probe.teacher, sq.batch_size)))
@@ -282,7 +314,10 @@ def run(cfg: Config, world: int = 1, teacher_checkpoint: bool = False) -> str:
     batches = math.ceil(shape.train / STATS_BATCH)
     rows.append(dict(stage="stats", steps=batches, images=shape.train,
                      outputs={"stats.safetensors": stats_bytes, "checkpoints/stats.safetensors": 2 * stats_bytes},
-                     device=teacher_bytes + 2 * stats_bytes + STATS_BATCH * act_teacher // 2,
+                     # the float64 moments and one batch's (the file's size each), every site's fp32 batch
+                     # covariance and pooled features until the forward ends, the forward, the batch
+                     device=teacher_bytes + 2 * stats_bytes + sum(4 * w * (w + STATS_BATCH) for w, _, _ in sites)
+                     + STATS_BATCH * (act_forward_teacher + pixels * 4),
                      host=base_rss + 2 * stats_bytes + workers * PREFETCH * STATS_BATCH * pixels * 4,
                      here=shape.train * t_stats / world,
                      h100=batches * forward_s(STATS_BATCH, True) / world))
@@ -292,7 +327,7 @@ def run(cfg: Config, world: int = 1, teacher_checkpoint: bool = False) -> str:
     class_batches = sum(per_set[ipc] for ipc, _ in sets)
     steps_per_batch = 0 if rc.loss == "none" else rc.iterations  # "none" recovers nothing: its images are the init
     iterations = class_batches * steps_per_batch
-    t_step = h100_recover_step(cfg, probe.teacher, shape.num_classes)
+    t_step = h100_recover_step(cfg, probe.teacher, shape.num_classes, calls_t)
     total_images = sum(ipc * shape.num_classes for ipc, _ in sets)
     set_bytes = {f"{method_name(rc)} ipc={ipc}: images ({rc.image_format}, ≈ raw uint8)": ipc * shape.num_classes
                  * pixels for ipc in cfg.ipc}
@@ -301,7 +336,9 @@ def run(cfg: Config, world: int = 1, teacher_checkpoint: bool = False) -> str:
     rows.append(dict(stage="recover", steps=iterations, images=total_images,
                      outputs=dict(set_bytes, **{"checkpoints/recover_rank*.safetensors (while running)":
                                                 world * (emu_bytes + k * pixels)}),
-                     device=teacher_bytes + reg_device + emu_bytes + k * (act_teacher + 6 * pixels * 4),
+                     # + the bf16 weight copies autocast makes, kept for the input backward
+                     device=teacher_bytes + reg_device + emu_bytes + k * (act_recover + 6 * pixels * 4)
+                     + (teacher_params // 2 if dtype == "bf16" else 0),
                      host=base_rss + stats_bytes + teacher_bytes + k * pixels * (4 + 1) + emu_bytes,
                      here=rounds * steps_per_batch * k * t_recover,
                      h100=rounds * steps_per_batch * t_step,
@@ -313,7 +350,10 @@ def run(cfg: Config, world: int = 1, teacher_checkpoint: bool = False) -> str:
     local = math.ceil(ev.batch_size / world)
     rows.append(dict(stage="evaluate", steps=ev_steps, images=ev_images,
                      outputs={"checkpoints/evaluate/set*.pt (while running)": 3 * student_params},
-                     device=4 * student_params + teacher_bytes + local * (act_student + act_teacher // 4),
+                     # student weights, gradients, optimiser states; the KD teacher; per image the student's
+                     # activations, the teacher's forward, the batch, its augmented and CutMixed copies
+                     device=student_bytes + (1 + optimizer_states(ev.optimizer, ev.momentum)) * student_params
+                     + teacher_bytes + local * (act_train_student + act_forward_teacher + 3 * pixels * 4),
                      host=base_rss + workers * PREFETCH * local * pixels * 4,
                      here=ev_images * t_eval / world + len(sets) * shape.test * t_stats,
                      h100=ev_steps * (train_s(probe.student, local) + forward_s(local))))

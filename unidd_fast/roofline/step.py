@@ -28,7 +28,7 @@ STEP_OF_LOSS = {"cfm": "cfm_step_us", "sre2l": "sre2l_step_us", "none": "bare_st
 
 
 def full_step(model, sites, batch: int, dtype: str, image: int, channels: int = 3, num_classes: int = 1000,
-              graphs: bool = True, title: str | None = None) -> list[dict]:
+              graphs: bool = True, title: str | None = None, calls=None) -> list[dict]:
     """Rows (part, name, kernels, flops, bytes, t_compute_us, t_memory_us, predicted_us,
     bound) of one recover step of the frozen teacher ``model`` on ``batch`` images of
     ``channels``×``image``×``image`` with activations in ``dtype`` ("bf16" | "fp32").
@@ -38,9 +38,10 @@ def full_step(model, sites, batch: int, dtype: str, image: int, channels: int = 
     extension below LARGE_WIDTH, cuSOLVER above; valid only while κ = (λmax + β)/β stays
     below ``_utils.FP32_MAX_CONDITION``). Parts: "teacher", "update" (augmentation, Adam +
     clip), "cfm", "sre2l" (BN mean/var loss, fused to one read forward and one read + one
-    write backward: its ideal)."""
+    write backward: its ideal). ``calls``: the model's shape probe, as ``teacher_layers``
+    takes it."""
     title = title or type(model).__name__
-    layers = teacher_layers(model, image, batch, dtype, channels)
+    layers = teacher_layers(model, image, batch, dtype, channels, calls)
     peak = teacher_peak(dtype)
     rows = []
 
@@ -104,20 +105,20 @@ def step_totals(rows: list[dict], label: str) -> dict:
             "cfm_share_of_step": (cfm - bare) / cfm}
 
 
-def stats_pass_seconds(model, sites, batch: int, dtype: str, image: int, channels: int = 3) -> float:
+def stats_pass_seconds(model, sites, batch: int, dtype: str, image: int, channels: int = 3, calls=None) -> float:
     """Seconds of one batch of the statistics pass: the teacher's forward and the Triton site
     statistics forward at every site in ``sites`` ((d, h, w) each; none: a bare forward, as
-    evaluate's KD teacher), one launch gap per kernel."""
-    layers = teacher_layers(model, image, batch, dtype, channels)
+    evaluate's KD teacher), one launch gap per kernel; ``calls`` as ``teacher_layers`` takes it."""
+    layers = teacher_layers(model, image, batch, dtype, channels, calls)
     stats = sum(site_stats_fwd(batch, d, h, w, dtype)["predicted_us"] * 1e-6 for d, h, w in sites)
     return pass_seconds(layers, "fwd", teacher_peak(dtype)) + stats + (len(layers) + 2 * len(sites)) * LAUNCH_GAP_S
 
 
-def train_step_seconds(model, batch: int, dtype: str, image: int, channels: int = 3) -> float:
+def train_step_seconds(model, batch: int, dtype: str, image: int, channels: int = 3, calls=None) -> float:
     """Seconds of one training step of ``model`` at ``batch`` images: forward, input backward,
     weight backward (≈ another backward), an optimiser pass over fp32 parameters and their
-    gradient and two states, one launch gap per kernel."""
-    layers = teacher_layers(model, image, batch, dtype, channels)
+    gradient and two states, one launch gap per kernel; ``calls`` as ``teacher_layers`` takes it."""
+    layers = teacher_layers(model, image, batch, dtype, channels, calls)
     peak = teacher_peak(dtype)
     params = sum(p.numel() for p in model.parameters())
     return (pass_seconds(layers, "fwd", peak) + 2 * pass_seconds(layers, "bwd", peak) + params * 4 * 4 / HBM

@@ -7,32 +7,22 @@ import math
 import torch
 import torchvision
 
+from ..sites import module_calls
 from .hardware import ELEM, HBM
 
 
-def teacher_layers(model, image: int, batch: int, dtype: str, channels: int = 3) -> list[dict]:
+def teacher_layers(model, image: int, batch: int, dtype: str, channels: int = 3, calls=None) -> list[dict]:
     """Per leaf layer of ``model`` at ``batch`` images of image×image: forward and backward
     (input gradients only: the teacher is frozen, the images are the parameters) FLOPs and
     HBM bytes at the activation dtype, and the elements of its output (``out``). Convolutions
     and the classifier on tensor cores; BatchNorm (eval: a per-channel affine), ReLU, pooling
     and the residual additions are memory passes; a max-pool saves int64 indices. The layer
-    shapes come from one forward of a zero image in eval mode, in the dtype and on the
-    device of the model's parameters (its mode is restored)."""
+    shapes are those of ``calls`` (``sites.module_calls(model, (channels, image, image))``:
+    one probe serves every estimate of a model), probed here when not given."""
     e = ELEM[dtype]
-    shapes = []
-
-    def hook(module, args, out):
-        shapes.append((module, args[0].shape[1:], out.shape[1:]))
-
-    leaves = [m for m in model.modules() if not list(m.children())]
-    handles = [m.register_forward_hook(hook) for m in leaves]
-    was_training = model.training
-    param = next(model.parameters())
-    with torch.no_grad():
-        model.eval()(torch.zeros(1, channels, image, image, dtype=param.dtype, device=param.device))
-    model.train(was_training)
-    for h in handles:
-        h.remove()
+    if calls is None:
+        calls = module_calls(model, (channels, image, image))
+    shapes = [(c.module, c.input, c.output) for c in calls if c.leaf]
     layers = []
     for module, in_shape, out_shape in shapes:
         n_in, n_out = batch * math.prod(in_shape), batch * math.prod(out_shape)
