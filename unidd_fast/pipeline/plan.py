@@ -39,7 +39,6 @@ from ..errors import ConfigError
 from ..real_stats import collect_real_stats
 from ..roofline.hardware import ELEM
 from ..roofline.step import STEP_OF_LOSS, full_step, stats_pass_seconds, step_totals, train_step_seconds
-from ..roofline.teacher import teacher_layers
 from ..sites import Call, module_calls, site_input_shapes
 from .augment import make_augment
 from .config import Config
@@ -217,17 +216,24 @@ class Probe:
         return _timed(step, self.clock) / self.batch
 
 
-def kept_activations(model, calls: list[Call], dtype: str) -> int:
-    """Bytes per image of every leaf layer's output and residual sum in ``dtype`` ("bf16" |
-    "fp32"): what a backward pass keeps. ``calls``: ``module_calls`` of ``model``."""
-    c, side = calls[0].input[0], calls[0].input[-1]  # the first call is the model's own: its input, the image
-    return sum(layer["out"] for layer in teacher_layers(model, side, 1, dtype, c, calls)) * ELEM[dtype]
+def _allocating_leaves(calls: list[Call]) -> list[Call]:
+    """The leaf calls that write a new tensor: not an in-place layer (a ResNet's or the ConvNet's
+    ReLU(inplace=True) overwrites its input; torchvision's residual ``out += identity`` is in
+    place too and is no leaf)."""
+    return [c for c in calls if c.leaf and not getattr(c.module, "inplace", False)]
+
+
+def kept_activations(calls: list[Call], dtype: str) -> int:
+    """Bytes per image of every tensor a network's layers write, in ``dtype`` ("bf16" | "fp32"):
+    what a backward pass keeps. ``calls``: ``module_calls`` of the network."""
+    return sum(math.prod(c.output) for c in _allocating_leaves(calls)) * ELEM[dtype]
 
 
 def live_activations(calls: list[Call], dtype: str) -> int:
     """Bytes per image that a forward without autograd holds at once in ``dtype``: the largest
-    input + output of a leaf layer, and a residual identity as large as the largest output."""
-    leaves = [c for c in calls if c.leaf]
+    input + output of a layer that writes a new tensor, and a residual identity as large as the
+    largest output."""
+    leaves = _allocating_leaves(calls)
     largest = max(math.prod(c.input) + math.prod(c.output) for c in leaves)
     return (largest + max(math.prod(c.output) for c in leaves)) * ELEM[dtype]
 
@@ -282,10 +288,10 @@ def run(cfg: Config, world: int = 1, teacher_checkpoint: bool = False) -> str:
     student_params = _tensor_bytes(probe.student.parameters())
     calls_t, calls_s = probe.calls[probe.teacher], probe.calls[probe.student]
     # squeeze, stats and evaluate run in fp32 without autocast (TF32 tensor cores); recover at its precision
-    act_train_teacher = kept_activations(probe.teacher, calls_t, "fp32")  # squeeze trains the teacher
-    act_train_student = kept_activations(probe.student, calls_s, "fp32")  # evaluate trains the student
+    act_train_teacher = kept_activations(calls_t, "fp32")  # squeeze trains the teacher
+    act_train_student = kept_activations(calls_s, "fp32")  # evaluate trains the student
     act_forward_teacher = live_activations(calls_t, "fp32")  # stats' and evaluate's teacher: no autograd
-    act_recover = kept_activations(probe.teacher, calls_t, dtype)  # recover's input backward
+    act_recover = kept_activations(calls_t, dtype)  # recover's input backward
 
     def train_s(model, batch: int) -> float:
         return train_step_seconds(model, batch, "fp32", d.image_size, d.channels, probe.calls[model])
