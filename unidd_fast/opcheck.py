@@ -157,14 +157,18 @@ def check_ops(device, shapes, dtypes, repeats=3, seed=0, backends=None, progress
                     return _cases(shape, dt, device, torch.Generator().manual_seed(seed), memory_format)[op]
 
                 want = case(torch.float64)("torch")
-                floor = None
+
+                def error_of(got):
+                    return worst(relative_error(g, w) for g, w in zip(got, want))
+
+                errors = {}  # backend -> its error at this shape; "torch" also serves as the floor
                 for name, row in rows.items():
                     if row["error"] is None:  # raised at an earlier shape
                         continue
                     try:
                         run = case(dtype)
                         got, seconds = timed(lambda: run(name), device, repeats)
-                        error = worst(relative_error(g, w) for g, w in zip(got, want))
+                        errors[name] = error = error_of(got)
                     except Exception as exc:  # a backend that raises fails the check, it does not stop it
                         row.update(passed=False, error=None, failure=f"{shape}: {type(exc).__name__}: {exc}")
                         continue
@@ -172,8 +176,9 @@ def check_ops(device, shapes, dtypes, repeats=3, seed=0, backends=None, progress
                     row["error"] = worst([row["error"], error])
                     tolerance = TOLERANCE[dtype]
                     if not error <= tolerance and name != "torch":
-                        if floor is None:
-                            floor = worst(relative_error(g, w) for g, w in zip(case(dtype)("torch"), want))
+                        if "torch" not in errors:  # torch not among the backends checked (BACKENDS lists it first)
+                            errors["torch"] = error_of(case(dtype)("torch"))
+                        floor = errors["torch"]
                         row["floor"] = floor if row["floor"] is None else worst([row["floor"], floor])
                         if floor == floor:
                             tolerance = max(tolerance, min(FLOOR_MARGIN * floor, FLOOR_CAP))

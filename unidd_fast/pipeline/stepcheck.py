@@ -49,7 +49,7 @@ from typing import Callable
 
 import torch
 
-from ..opcheck import relative_error, worst
+from ..opcheck import FLOOR_MARGIN, relative_error, worst
 from ..errors import UniddError
 from .config import RecoverConfig
 from .step import RecoverEngine, StepOptions
@@ -59,8 +59,7 @@ REFERENCE = "eager_fp32"  # the row of the reference step in ``check``
 EAGER_FP32 = StepOptions(precision="fp32", cuda_graphs=False, compile=False, channels_last=False, capturable=False)
 TOLERANCE = {"float32": 0.25, "tf32": 0.5, "bfloat16": 0.75}  # the image update
 LOSS_TOLERANCE = {"float32": 1e-3, "tf32": 1e-2, "bfloat16": 5e-2}
-FLOOR_MARGIN = 4
-LOSS_CAP, UPDATE_CAP = 0.1, 0.9
+LOSS_CAP, UPDATE_CAP = 0.1, 0.9  # the floor's widest tolerances (FLOOR_MARGIN: opcheck's)
 
 
 @dataclass(frozen=True)
@@ -173,9 +172,17 @@ def rounding_floor(case: Case, reference) -> tuple[float, float]:
     gen = torch.Generator().manual_seed(case.seed + 1)
     away = (torch.randint(0, 2, case.init.shape, generator=gen) * 2 - 1).to(case.init) * float("inf")
     moved = dataclasses.replace(case, init=torch.nextafter(case.init, away))
-    (images, ce, reg), _ = _steps(moved, EAGER_FP32, 1)
+    result, _ = _steps(moved, EAGER_FP32, 1)
+    return differences(result, moved.init, reference, case.init)
+
+
+def differences(result, init, reference, reference_init) -> tuple[float, float]:
+    """(loss error, update error) of a steps ``result`` (images, CE, regulariser) from
+    ``init`` against ``reference`` from ``reference_init``: the worse relative error of the
+    two losses, and that of the image update (images − init)."""
+    images, ce, reg = result
     return (worst([relative_error(ce, reference[1]), relative_error(reg, reference[2])]),
-            relative_error(images - moved.init, reference[0] - case.init))
+            relative_error(images - init, reference[0] - reference_init))
 
 
 def group(names) -> tuple[Feature, ...]:
@@ -212,7 +219,6 @@ def check(case: Case, features=None, repeats: int = 1, reference=None) -> list[d
     rows = [{"feature": REFERENCE, "dtype": "float32", "applicable": True, "passed": True, "loss_error": 0.0,
              "error": 0.0, "tolerance": 0.0, "loss_tolerance": 0.0, "loss_floor": None, "floor": None,
              "median_s": seconds, "failure": None}]
-    want_update = reference[0] - case.init
     floor = None
     for names in (features if features is not None else [f.name for f in FEATURES]):
         checked = group(names)
@@ -225,12 +231,11 @@ def check(case: Case, features=None, repeats: int = 1, reference=None) -> list[d
         if not row["applicable"]:
             continue
         try:
-            (images, ce, reg), seconds = _steps(case, enabled(checked), repeats)
+            result, seconds = _steps(case, enabled(checked), repeats)
         except Exception as exc:  # a feature that raises fails its check, it does not stop the others
             row.update(passed=False, failure=f"{type(exc).__name__}: {exc}")
             continue
-        loss_error = worst([relative_error(ce, reference[1]), relative_error(reg, reference[2])])
-        error = relative_error(images - case.init, want_update)
+        loss_error, error = differences(result, case.init, reference, case.init)
         row.update(loss_error=loss_error, error=error, median_s=seconds)
         if not (loss_error <= row["loss_tolerance"] and error <= row["tolerance"]):
             floor = floor or rounding_floor(case, reference)
