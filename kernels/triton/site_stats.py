@@ -84,27 +84,25 @@ def grad_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float64 else "bf16x3"
 
 
+def _as_run(precision: str) -> str:
+    """``precision`` as the kernels run it here: in the interpreter, which ignores
+    ``input_precision`` and multiplies bf16 operands as raw bits, the bf16 splits ("bf16x3",
+    "bf16x4") run as their "_split" emulation — the same bf16 parts, rounded as the GPU rounds
+    them, multiplied in fp32 where their products are exact (``_mma_bf16``): the numbers of
+    the bf16 MMAs up to the order of the fp32 sums, so the tests see the real rounding."""
+    return precision + "_split" if precision in ("bf16x3", "bf16x4") and interpreting() else precision
+
+
 def config(dtype: torch.dtype, d: int) -> dict:
-    """Constexprs the launchers pick for a (dtype, d) input; the AOT report compiles each. In
-    the interpreter "bf16x4" runs as "bf16x4_split": the same bf16 parts, rounded as the GPU
-    rounds them, multiplied in fp32 (``_mma_bf16``), so the tests see the real rounding."""
-    precision = dot_precision(dtype)
-    if precision == "bf16x4" and interpreting():
-        precision = "bf16x4_split"
+    """Constexprs the launchers pick for a (dtype, d) input; the AOT report compiles each."""
     return {"BLOCK_R": BLOCK_R, "BLOCK_D": block_d(d), "ACC": _TL_DTYPES[acc_dtype(dtype)],
-            "DOT_PRECISION": precision}
+            "DOT_PRECISION": _as_run(dot_precision(dtype))}
 
 
 def backward_config(dtype: torch.dtype, d: int) -> dict:
-    """Constexprs of the backward kernel. The interpreter ignores ``input_precision``, so
-    there "bf16x3" runs as "bf16x3_split": the same hi/lo bf16 parts multiplied in fp32,
-    where their products are exact — the numbers of the bf16 MMAs up to the order of the
-    fp32 sums, so the tests see the real rounding."""
-    precision = grad_precision(dtype)
-    if precision == "bf16x3" and interpreting():
-        precision = "bf16x3_split"
+    """Constexprs of the backward kernel."""
     return {"BLOCK_R": BLOCK_R, "BLOCK_D": block_d(d), "ACC": _TL_DTYPES[acc_dtype(dtype)],
-            "GRAD_PRECISION": precision}
+            "GRAD_PRECISION": _as_run(grad_precision(dtype))}
 
 
 @triton.jit
